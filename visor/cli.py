@@ -1,0 +1,135 @@
+"""The command line: argparse, one function per subcommand. Turns any VisorError into one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from visor import __version__
+from visor.errors import VisorError
+from visor.home import Home
+
+log = logging.getLogger("visor")
+
+
+def cmd_init(opts) -> int:
+    from visor.home import init_home
+    home = init_home(Path(opts.home), opts.with_data_node)
+    print(f"created {home.root}: edit genesis/run-config.toml, then `visor run --home {home.root}`")
+    return 0
+
+
+def cmd_run(opts) -> int:
+    from visor.broker import Broker
+    logging.basicConfig(level=opts.log_level, stream=sys.stderr,
+                        format="%(asctime)s visor %(levelname)s %(message)s")
+    return Broker(Home(Path(opts.home).absolute()), opts.log_level).run()
+
+
+def cmd_status(opts) -> int:
+    from visor.control import ask_status, render_status
+    status = ask_status(Home(Path(opts.home).absolute()))
+    print(json.dumps(status, indent=2) if opts.json else render_status(status))
+    return 0
+
+
+def cmd_events(opts) -> int:
+    from visor.control import follow_events
+    return follow_events(Home(Path(opts.home).absolute()), opts.json)
+
+
+def cmd_fetch(opts) -> int:
+    from visor.releases import fetch_command
+    return fetch_command(Home(Path(opts.home).absolute()), opts.tag)
+
+
+def cmd_check(opts) -> int:
+    from visor.check import check_home
+    problems = check_home(Home(Path(opts.home).absolute()))
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{opts.home}: no problems found")
+    return 1 if problems else 0
+
+
+def cmd_version(opts) -> int:
+    if opts.output == "json":
+        print(json.dumps({"version": __version__, "hash": _commit_hash()}))
+    else:
+        print(f"visor {__version__} ({_commit_hash()})")
+    return 0
+
+
+def _commit_hash() -> str:
+    """The checkout's commit, read without running git; "unknown" for an installed copy."""
+    git = Path(__file__).resolve().parent.parent / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            loose = git / ref
+            if loose.exists():
+                return loose.read_text().strip()
+            for line in (git / "packed-refs").read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+            return "unknown"
+        return head
+    except OSError:
+        return "unknown"
+
+
+def _home_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", required=True, help="the Visor home folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visor", description="Runs a Vega node and carries it through upgrades.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init = sub.add_parser("init", help="create a new home folder")
+    _home_arg(init)
+    init.add_argument("--with-data-node", action="store_true", help="include a data node in the run-configs")
+    init.set_defaults(func=cmd_init)
+    run = sub.add_parser("run", help="run the node binaries in the foreground")
+    _home_arg(run)
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="show what the running daemon is doing")
+    _home_arg(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
+    events = sub.add_parser("events", help="follow the event stream until interrupted")
+    _home_arg(events)
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.set_defaults(func=cmd_events)
+    fetch = sub.add_parser("fetch", help="prepare the folder of a release ahead of its upgrade")
+    _home_arg(fetch)
+    fetch.add_argument("tag", help="release tag, e.g. v0.73.0")
+    fetch.set_defaults(func=cmd_fetch)
+    check = sub.add_parser("check", help="validate config.toml, every run-config and the binaries")
+    _home_arg(check)
+    check.set_defaults(func=cmd_check)
+    version = sub.add_parser("version", help="print the version")
+    version.add_argument("--output", choices=["human", "json"], default="human")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        return opts.func(opts)
+    except VisorError as err:
+        print(f"visor: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def init_main(argv: list[str] | None = None) -> int:
+    """`visor-init`: the same as `visor init`."""
+    return main(["init", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,207 @@
+"""Visor's config.toml and the run-config.toml of each release folder, parsed into frozen objects.
+
+Start-up, hot reload and `visor check` all come through load_visor_config / load_run_config, so a
+file is judged the same way everywhere. This module reads files; it never writes them (home.py does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from visor.errors import ConfigError
+
+# TOML key -> (field, type, default, meaning). `visor init` writes its defaults from this table, and
+# this is the only place camelCase appears. Dotted keys live in tables ([autoInstall], [autoInstall.asset]).
+KEYS: dict[str, tuple[str, type, Any, str]] = {
+    "maxNumberOfFirstConnectionRetries": ("max_first_retries", int, 175000,
+        "upgrade-status calls that may fail before the node first answers (slow-starting archive nodes)"),
+    "maxNumberOfRestartConnectionRetries": ("max_restart_retries", int, 10,
+        "upgrade-status calls that may fail after a restart"),
+    "maxNumberOfRestarts": ("max_restarts", int, 3,
+        "restarts allowed after binary failures; the failure after the last one stops Visor"),
+    "restartsDelaySeconds": ("restarts_delay_s", int, 5, "wait before restarting failed binaries"),
+    "stopDelaySeconds": ("stop_delay_s", int, 0, "wait before stopping the binaries at an upgrade"),
+    "stopSignalTimeoutSeconds": ("stop_timeout_s", int, 15, "wait after SIGTERM before SIGKILL"),
+    "upgradeStatusIntervalMilliseconds": ("status_interval_ms", int, 1000,
+        "how often the core node is asked for its upgrade status"),
+    "eventsEndpoint": ("events_endpoint", str, "",
+        "ZeroMQ endpoint of the event stream; empty means ipc://HOME/.visor/events.sock"),
+    "upgradeFolders": ("upgrade_folders", dict, {}, "release tag -> folder name, overriding the tag"),
+    "autoInstall.enabled": ("auto_install", bool, True, "fetch releases automatically"),
+    "autoInstall.repositoryOwner": ("repository_owner", str, "vegaprotocol", "GitHub owner of the releases"),
+    "autoInstall.repository": ("repository", str, "vega", "GitHub repository of the releases"),
+    "autoInstall.apiUrl": ("api_url", str, "https://api.github.com", "release API base URL"),
+    "autoInstall.asset.name": ("asset_name", str, "vega-linux-amd64.zip", "release asset to fetch"),
+    "autoInstall.asset.binaryName": ("asset_binary", str, "vega", "the binary inside a zipped asset"),
+    "autoInstall.asset.checksumsName": ("checksums_name", str, "",
+        "release asset listing `sha256  filename` lines; empty means no checksum check"),
+}
+WORDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a table"}
+# Keys whose change needs a restart of `visor run` to take effect.
+RESTART_ONLY = frozenset({"eventsEndpoint"})
+
+
+@dataclass(frozen=True)
+class VisorConfig:
+    max_first_retries: int = 175000
+    max_restart_retries: int = 10
+    max_restarts: int = 3
+    restarts_delay_s: int = 5
+    stop_delay_s: int = 0
+    stop_timeout_s: int = 15
+    status_interval_ms: int = 1000
+    events_endpoint: str = ""
+    upgrade_folders: dict[str, str] = field(default_factory=dict)
+    auto_install: bool = True
+    repository_owner: str = "vegaprotocol"
+    repository: str = "vega"
+    api_url: str = "https://api.github.com"
+    asset_name: str = "vega-linux-amd64.zip"
+    asset_binary: str = "vega"
+    checksums_name: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        """Plain data, for the wire (the config watcher sends it to the broker)."""
+        return dataclasses.asdict(self)
+
+    def changed_keys(self, other: VisorConfig) -> list[str]:
+        """The TOML keys whose values differ between two configs."""
+        return [key for key, (name, *_rest) in KEYS.items() if getattr(self, name) != getattr(other, name)]
+
+
+assert {f.name for f in dataclasses.fields(VisorConfig)} == {v[0] for v in KEYS.values()}
+assert all(getattr(VisorConfig(), v[0]) == v[2] for v in KEYS.values())
+
+
+@dataclass(frozen=True)
+class Binary:
+    path: Path                          # absolute: relative paths are resolved against the run-config's folder
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    folder: Path                        # the folder that holds this run-config
+    vega: Binary
+    socket_path: str
+    http_path: str = "/rpc"
+    data_node: Binary | None = None
+
+    def binaries(self) -> dict[str, Binary]:
+        """Binaries in start order: the core node first."""
+        found = {"vega": self.vega}
+        if self.data_node is not None:
+            found["data_node"] = self.data_node
+        return found
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "is a folder, not a file") from None
+    except PermissionError:
+        raise ConfigError(path, "not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not valid TOML (not UTF-8 text)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, f"not valid TOML ({err})") from None
+
+
+def _flatten(raw: dict[str, Any], prefix: str = ""):
+    """Nested tables become dotted keys; tables that are values of their own (upgradeFolders) stay whole."""
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not (dotted in KEYS and KEYS[dotted][1] is dict):
+            yield from _flatten(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def load_visor_config(path: Path) -> tuple[VisorConfig, list[str]]:
+    """Reads and checks config.toml. Returns (config, warnings about unknown keys)."""
+    return parse_visor_config(read_toml(path), path)
+
+
+def parse_visor_config(raw: dict[str, Any], path: Path) -> tuple[VisorConfig, list[str]]:
+    values, warnings = {}, []
+    for key, value in _flatten(raw):
+        if key not in KEYS:
+            warnings.append(f"{path}: unknown key {key!r} ignored")
+            continue
+        name, kind, _default, _meaning = KEYS[key]
+        if type(value) is not kind:          # `type is`, because True is an int to Python
+            raise ConfigError(path, f"{key} must be {WORDS[kind]}, got {value!r}")
+        if kind is int and value < 0:
+            raise ConfigError(path, f"{key} must not be negative, got {value}")
+        values[name] = value
+    for tag, folder in values.get("upgrade_folders", {}).items():
+        if not isinstance(folder, str) or not folder or "/" in folder or folder in (".", ".."):
+            raise ConfigError(path, f"upgradeFolders.{tag} must be a folder name inside the home, got {folder!r}")
+    if values.get("status_interval_ms", 1000) == 0:
+        raise ConfigError(path, "upgradeStatusIntervalMilliseconds must be at least 1")
+    endpoint = values.get("events_endpoint", "")
+    if endpoint and not endpoint.startswith(("ipc://", "tcp://")):
+        raise ConfigError(path, f"eventsEndpoint must start with ipc:// or tcp://, got {endpoint!r}")
+    return VisorConfig(**values), warnings
+
+
+def _table(raw: dict, key: str, path: Path) -> dict:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"{key} must be a table, got {value!r}")
+    return value
+
+
+def _string(table: dict, key: str, where: str, path: Path, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(path, f"{where}{key} is missing")
+    if not isinstance(value, str) or (default is None and not value):
+        raise ConfigError(path, f"{where}{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _binary(table: dict, where: str, path: Path) -> Binary:
+    binary = _table(table, "binary", path)
+    exe = _string(binary, "path", f"{where}.binary.", path)
+    args = binary.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ConfigError(path, f"{where}.binary.args must be a list of strings, got {args!r}")
+    return Binary(path=(path.parent / exe).absolute() if not Path(exe).is_absolute() else Path(exe),
+                  args=tuple(args))
+
+
+RUN_KEYS = {"name", "vega.binary.path", "vega.binary.args", "vega.rpc.socketPath", "vega.rpc.httpPath",
+            "data_node.binary.path", "data_node.binary.args"}
+
+
+def load_run_config(path: Path) -> tuple[RunConfig, list[str]]:
+    """Reads and checks a folder's run-config.toml. Returns (run-config, warnings about unknown keys)."""
+    raw = read_toml(path)
+    warnings = [f"{path}: unknown key {key!r} ignored" for key, _ in _flatten(raw) if key not in RUN_KEYS]
+    vega = _table(raw, "vega", path)
+    rpc = _table(vega, "rpc", path)
+    data_node = _table(raw, "data_node", path) if "data_node" in raw else None
+    return RunConfig(
+        name=_string(raw, "name", "", path),
+        folder=path.parent.absolute(),
+        vega=_binary(vega, "vega", path),
+        # Go's `init` writes both empty; such a file must still load (`visor check` reports it)
+        socket_path=_string(rpc, "socketPath", "vega.rpc.", path, default=""),
+        http_path=_string(rpc, "httpPath", "vega.rpc.", path, default="/rpc") or "/rpc",
+        data_node=_binary(data_node, "data_node", path) if data_node is not None else None,
+    ), warnings

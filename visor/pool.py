@@ -1,0 +1,133 @@
+"""Spawns, watches and restarts the worker processes. Owns no node binary and no decision.
+
+Workers are forked from the broker itself (multiprocessing's "fork" context): a fork takes about a
+millisecond, the code the broker has imported is shared copy-on-write, and every worker is the
+broker's own child, so its exit code is exact. (A fork server would put a process between them whose
+death makes every worker look dead.) The child drops the broker's signal plumbing before anything
+else and builds its own ZeroMQ context; it never touches the broker's. A worker's exit is seen
+through its sentinel fd; one silent past HUNG_AFTER_S is killed and, like any worker that dies,
+restarted after a bounded backoff.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MODULES = {"upgrade-watcher": "workers.upgrade_watcher", "config-watcher": "workers.config_watcher",
+           "fetcher": "workers.fetcher", "runner": "workers.runner"}
+HUNG_AFTER_S = 60.0              # far above the heartbeat; blocking calls in workers are bounded below it
+BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+STEADY_AFTER_S = 30.0            # a worker that lived this long starts its backoff afresh
+
+
+def _run_worker(module: str, argv: list[str]) -> None:
+    """Runs a worker's main in the forked child."""
+    from visor.worker import BrokerGone
+    signal.set_wakeup_fd(-1)                     # the broker's; signals here are ours to handle
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        sys.exit(importlib.import_module(module).main(argv))
+    except BrokerGone:
+        sys.exit(0)
+
+
+@dataclass
+class Worker:
+    name: str
+    process: multiprocessing.process.BaseProcess | None = None
+    restarts: int = 0
+    failures_in_a_row: int = 0
+    connected: bool = False      # said hello since it was last started
+    started_at: float = 0.0      # monotonic
+    last_seen: float = 0.0       # monotonic; any message counts
+    restart_at: float | None = None
+    retired: bool = False        # told to leave; not restarted
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+
+@dataclass
+class Pool:
+    endpoint: str
+    home: str
+    log_level: str = "INFO"
+    workers: dict[str, Worker] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._ctx = multiprocessing.get_context("fork")
+        for module in MODULES.values():          # imported once here, shared by every fork
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                log.error("cannot import %s: %s", module, err)
+
+    def spawn(self, name: str) -> Worker:
+        w = self.workers.setdefault(name, Worker(name))
+        if w.process is not None and not w.retired:
+            w.restarts += 1
+        module = MODULES[name.partition(":")[0]]
+        argv = ["--endpoint", self.endpoint, "--name", name, "--home", self.home, "--log-level", self.log_level,
+                "--broker-pid", str(os.getpid())]
+        w.process = self._ctx.Process(target=_run_worker, args=(module, argv), name=name, daemon=False)
+        w.process.start()
+        w.connected, w.retired, w.restart_at = False, False, None
+        w.started_at = w.last_seen = time.monotonic()
+        return w
+
+    def sentinels(self) -> dict[int, Worker]:
+        return {w.process.sentinel: w for w in self.workers.values() if w.alive}
+
+    def reap(self, w: Worker, now: float) -> int:
+        """The worker has exited: returns its exit code and, unless retired, schedules its restart."""
+        w.process.join(0)
+        code = w.process.exitcode if w.process.exitcode is not None else -1
+        w.connected = False
+        if not w.retired:
+            lived_s = now - w.started_at
+            w.failures_in_a_row = 0 if lived_s >= STEADY_AFTER_S else w.failures_in_a_row + 1
+            w.restart_at = now + BACKOFF_S[min(w.failures_in_a_row, len(BACKOFF_S) - 1)]
+        return code
+
+    def due(self, now: float) -> list[Worker]:
+        return [w for w in self.workers.values() if w.restart_at is not None and w.restart_at <= now]
+
+    def next_deadline(self) -> float:
+        times = [w.restart_at for w in self.workers.values() if w.restart_at is not None]
+        return min(times, default=float("inf"))
+
+    def kill_hung(self, now: float) -> None:
+        for w in self.workers.values():
+            if w.alive and now - w.last_seen > HUNG_AFTER_S:
+                log.warning("%s (pid %s) silent for %.0fs: killing it", w.name, w.pid, now - w.last_seen)
+                os.kill(w.pid, signal.SIGKILL)
+
+    def retire(self, name: str) -> None:
+        """The worker will leave (it was sent Shutdown); do not restart it."""
+        if (w := self.workers.get(name)) is not None:
+            w.retired, w.restart_at = True, None
+
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Waits for told-to-leave workers, then kills any that remain."""
+        deadline = time.monotonic() + timeout_s
+        for w in self.workers.values():
+            w.retired, w.restart_at = True, None
+            if w.process is not None and w.process.exitcode is None:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+                if w.process.exitcode is None:
+                    w.process.kill()
+                    w.process.join(1.0)

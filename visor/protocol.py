@@ -1,0 +1,254 @@
+"""Every message between the broker, its workers and the CLI: plain frozen data, msgpack on the wire.
+
+Commands to a worker are imperative (StartBinary); its reports are past tense (BinaryExited). Nothing
+here does I/O. A frame we cannot decode raises ProtocolError; the receiver drops it and carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from visor.errors import ProtocolError
+
+VERSION = 1
+MAX_FRAME_BYTES = 1 << 20        # bigger frames are refused by the sockets themselves (ZMQ_MAXMSGSIZE)
+
+# --- every worker -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:                     # worker -> broker, first message; the name is also the socket identity
+    kind: ClassVar[str] = "hello"
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:                 # worker -> broker, when it has said nothing for a while
+    kind: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True)
+class Shutdown:                  # broker -> worker: leave now
+    kind: ClassVar[str] = "shutdown"
+
+
+# --- upgrade watcher --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Watch:                     # broker -> upgrade-watcher: ask this node every interval
+    kind: ClassVar[str] = "watch"
+    socket_path: str
+    http_path: str
+    interval_ms: int
+
+
+@dataclass(frozen=True)
+class UpgradeStatus:             # upgrade-watcher -> broker: the node answered (sent when it changes)
+    kind: ClassVar[str] = "upgrade_status"
+    tag: str                     # "" when nothing is accepted
+    height: int
+    ready: bool
+
+
+@dataclass(frozen=True)
+class RpcFailed:                 # upgrade-watcher -> broker: one failed call
+    kind: ClassVar[str] = "rpc_failed"
+    error: str
+
+
+# --- runners ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartBinary:               # broker -> runner
+    kind: ClassVar[str] = "start_binary"
+    path: str
+    args: list[str]
+    stop_timeout_s: float        # used if the runner must stop the binary on its own (broker gone)
+
+
+@dataclass(frozen=True)
+class AdoptBinary:               # broker -> a new runner whose predecessor died: supervise this pid
+    kind: ClassVar[str] = "adopt_binary"
+    pid: int
+    path: str
+    args: list[str]
+    stop_timeout_s: float
+
+
+@dataclass(frozen=True)
+class StopBinary:                # broker -> runner: SIGTERM its process group, SIGKILL after timeout_s
+    kind: ClassVar[str] = "stop_binary"
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class BinaryStarted:             # runner -> broker
+    kind: ClassVar[str] = "binary_started"
+    name: str
+    pid: int
+    path: str
+    args: list[str]
+    started_at: float            # wall time, for `status`
+
+
+@dataclass(frozen=True)
+class StartFailed:               # runner -> broker: the binary could not be executed at all
+    kind: ClassVar[str] = "start_failed"
+    name: str
+    error: str
+
+
+@dataclass(frozen=True)
+class BinaryExited:              # runner -> broker (or the broker's own reaper, for an orphan)
+    kind: ClassVar[str] = "binary_exited"
+    name: str
+    pid: int
+    exitcode: int                # negative: killed by that signal
+
+
+@dataclass(frozen=True)
+class QuerySegment:              # broker -> runner:data_node: ask the data node for its latest segment
+    kind: ClassVar[str] = "query_segment"
+    path: str
+    args: list[str]              # the whole argv after the binary (see args.segment_query)
+
+
+@dataclass(frozen=True)
+class Segment:                   # runner:data_node -> broker
+    kind: ClassVar[str] = "segment"
+    height: int | None           # None: no history segments yet
+    error: str = ""              # non-empty: the query failed
+
+
+# --- fetcher ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepare:                   # broker -> fetcher: make `folder` ready for `tag`, downloading if allowed
+    kind: ClassVar[str] = "prepare"
+    tag: str
+    folder: str                  # absolute path of the release folder
+    current_run_config: str      # absolute path; the template for a downloaded folder's run-config
+    fetch: bool                  # auto-install on: download when the folder is missing
+    settings: dict[str, Any] = field(default_factory=dict)   # VisorConfig.fields() (autoInstall part used)
+
+
+@dataclass(frozen=True)
+class FolderReady:               # fetcher -> broker: run-config parses, binaries exist, version == tag
+    kind: ClassVar[str] = "folder_ready"
+    tag: str
+    folder: str
+
+
+@dataclass(frozen=True)
+class FolderBlocked:             # fetcher -> broker: the folder is not usable, and why
+    kind: ClassVar[str] = "folder_blocked"
+    tag: str
+    folder: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FetchStarted:
+    kind: ClassVar[str] = "fetch_started"
+    tag: str
+    asset: str
+
+
+@dataclass(frozen=True)
+class FetchProgress:             # at most a few per second
+    kind: ClassVar[str] = "fetch_progress"
+    tag: str
+    asset: str
+    bytes: int
+    total: int
+
+
+@dataclass(frozen=True)
+class FetchCompleted:
+    kind: ClassVar[str] = "fetch_completed"
+    tag: str
+    asset: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FetchFailed:
+    kind: ClassVar[str] = "fetch_failed"
+    tag: str
+    asset: str
+    error: str
+
+
+# --- config watcher ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigLoaded:              # config-watcher -> broker: config.toml changed and is valid
+    kind: ClassVar[str] = "config_loaded"
+    values: dict[str, Any]       # VisorConfig.fields()
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConfigRejected:            # config-watcher -> broker: config.toml changed and is not valid
+    kind: ClassVar[str] = "config_rejected"
+    error: str                   # one line naming the file and the problem
+
+
+# --- control socket (CLI <-> broker) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    kind: ClassVar[str] = "status_request"
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    kind: ClassVar[str] = "status_reply"
+    status: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ErrorReply:                # broker -> CLI: the request was not understood
+    kind: ClassVar[str] = "error_reply"
+    error: str
+
+
+Message = Any
+MESSAGES: dict[str, type] = {m.kind: m for m in (
+    Hello, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
+    StartBinary, AdoptBinary, StopBinary, BinaryStarted, StartFailed, BinaryExited, QuerySegment, Segment,
+    Prepare, FolderReady, FolderBlocked, FetchStarted, FetchProgress, FetchCompleted, FetchFailed,
+    ConfigLoaded, ConfigRejected, StatusRequest, StatusReply, ErrorReply,
+)}
+
+
+def encode(msg: Message) -> bytes:
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    return msgpack.packb({"v": VERSION, "kind": msg.kind, **body})
+
+
+def decode(frame: bytes) -> Message:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        data = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        if not isinstance(data, dict):
+            raise TypeError("not a map")
+        if data.pop("v", None) != VERSION:
+            raise ProtocolError(f"unsupported protocol version in {frame[:40]!r}")
+        return MESSAGES[data.pop("kind")](**data)
+    except ProtocolError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as err:
+        raise ProtocolError(f"undecodable frame ({type(err).__name__}: {err})") from None

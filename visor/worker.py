@@ -1,0 +1,108 @@
+"""BrokerLink: the part every worker shares. It says hello, sends heartbeats, and waits for commands.
+
+A worker must not outlive the broker: it holds a pidfd of the broker and raises BrokerGone as soon
+as the broker has exited, whatever killed it. Signals sent to the whole process group (a terminal's
+Ctrl-C, `kill -- -PGID`, systemd's control-group stop) are the broker's to act on, so workers catch
+SIGINT and SIGTERM and do nothing: the broker stops them in order. (A no-op handler rather than
+SIG_IGN, because an ignored signal would stay ignored in the node binaries a runner executes.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from visor import protocol
+
+HEARTBEAT_S = 2.0                # a worker silent for this long says it is alive
+
+
+class BrokerGone(Exception):
+    """The broker process has exited: the worker must finish up and leave."""
+
+
+def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"visor-{name}")
+    parser.add_argument("--endpoint", required=True, help="the broker's worker socket")
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--home", default="")
+    parser.add_argument("--broker-pid", type=int, default=0, help="leave when this process exits")
+    parser.add_argument("--log-level", default="INFO")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=opts.log_level, format=f"%(asctime)s {opts.name} %(levelname)s %(message)s")
+    return opts
+
+
+class Readable:
+    """receive() found one of the watched file descriptors readable."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+
+class BrokerLink:
+    def __init__(self, endpoint: str, name: str, broker_pid: int = 0):
+        self.name = name
+        self._broker_pid = broker_pid or os.getppid()
+        self._broker_fd = -1
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, name.encode())
+        self._sock.setsockopt(zmq.LINGER, 1000)     # let a last report leave before exit
+        self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
+        self._endpoint = endpoint
+        self._last_sent = 0.0
+        self._log = logging.getLogger(name)
+
+    def __enter__(self) -> BrokerLink:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        try:
+            self._broker_fd = os.pidfd_open(self._broker_pid)
+        except ProcessLookupError:
+            raise BrokerGone from None
+        self._sock.connect(self._endpoint)
+        self.send(protocol.Hello(name=self.name, pid=os.getpid()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._broker_fd)
+        self._sock.close(linger=0 if exc[0] is BrokerGone else None)
+        self._ctx.term()
+
+    def send(self, msg) -> None:
+        self._sock.send(protocol.encode(msg))
+        self._last_sent = time.monotonic()
+
+    def receive(self, until: float = float("inf"), watch: tuple[int, ...] = ()):
+        """The next command; Readable(fd) when a watched fd is readable; None once `until` passes."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._broker_fd, zmq.POLLIN)
+        for fd in watch:
+            poller.register(fd, zmq.POLLIN)
+        while True:
+            now = time.monotonic()
+            beat_at = self._last_sent + HEARTBEAT_S
+            if now >= beat_at:
+                self.send(protocol.Heartbeat())
+                continue
+            if now >= until:
+                return None
+            ready = dict(poller.poll(max(0, (min(until, beat_at) - now) * 1000)))
+            if self._broker_fd in ready:
+                raise BrokerGone
+            if self._sock in ready:
+                try:
+                    return protocol.decode(self._sock.recv())
+                except protocol.ProtocolError as err:
+                    self._log.warning("dropped a frame from the broker: %s", err)
+                    continue
+            for fd in watch:
+                if fd in ready:
+                    return Readable(fd)

@@ -1,0 +1,44 @@
+"""Asks the core node for its upgrade status and reports what it hears. Decides nothing.
+
+It reports an answer when it differs from the last one reported (or follows a failure), and every
+failed call; counting failures and deciding what they mean is the broker's job.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from visor import protocol
+from visor.errors import NodeError
+from visor.nodeapi import AdminClient
+from visor.worker import BrokerLink, parse_worker_args
+
+
+def ask(node: AdminClient) -> protocol.UpgradeStatus | protocol.RpcFailed:
+    try:
+        tag, height, ready = node.upgrade_status()
+    except NodeError as err:
+        return protocol.RpcFailed(error=str(err))
+    return protocol.UpgradeStatus(tag=tag, height=height, ready=ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_worker_args("upgrade-watcher", argv)
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid) as link:
+        node, interval_s, next_ask, last = None, 1.0, math.inf, None   # idle until told what to watch
+        while True:
+            match link.receive(until=next_ask):
+                case protocol.Shutdown():
+                    return 0
+                case protocol.Watch(socket_path=sock, http_path=path, interval_ms=ms):
+                    if node is None or (node.socket_path, node.http_path) != (sock, path):
+                        node, last = AdminClient(sock, path, timeout_s=max(1.0, min(5.0, 3 * ms / 1000))), None
+                    interval_s, next_ask = ms / 1000, time.monotonic()
+                case None:
+                    started = time.monotonic()
+                    heard = ask(node)
+                    if heard != last or isinstance(heard, protocol.RpcFailed):
+                        link.send(heard)
+                        last = heard
+                    next_ask = started + interval_s   # a steady rhythm, however long the call took

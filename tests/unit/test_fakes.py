@@ -18,26 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from . import (call_admin, install_fake_vega, read_log, segment_queries, set_segment,
+from tests.helpers import wait_until
+
+from tests.fakes import (call_admin, install_fake_vega, read_log, segment_queries, set_segment,
                write_upgrade_state)
-from .release_server import ReleaseServer
-from .zips import (HUGE_SIZE, corrupt, make_evil_zip, make_tar_gz, make_zip,
+from tests.fakes.release_server import ReleaseServer
+from tests.fakes.zips import (HUGE_SIZE, corrupt, make_evil_zip, make_tar_gz, make_zip,
                    release_zip_with_fake_vega)
 
-try:
-    import pytest_timeout  # noqa: F401
-    pytestmark = pytest.mark.timeout(30)
-except ImportError:
-    pass
-
-
-def wait_until(check, *, what: str, timeout_s: float = 5.0):
-    deadline = time.monotonic() + timeout_s
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
-    return result
+pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture

@@ -1,0 +1,188 @@
+"""What every test shares: waiting on conditions, a home with the fake node, the daemon, the event stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import psutil
+import tomli_w
+import zmq
+
+from tests.fakes import install_fake_vega, read_log, write_upgrade_state
+from visor.config import read_toml
+
+REPO = Path(__file__).resolve().parent.parent
+VISOR = [sys.executable, str(REPO / "bin" / "visor")]
+
+
+def wait_until(check, *, what: str, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+    return result
+
+
+def run_cli(*args: str, timeout_s: float = 20.0, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*VISOR, *map(str, args)], capture_output=True, text=True, timeout=timeout_s, **kwargs)
+
+
+class TestHome:
+    """A Visor home with the fake node in genesis, its admin socket, upgrade file and log inside it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.socket = root / "admin.sock"
+        self.upgrade_file = root / "upgrade.json"
+        self.log = root / "node.log"
+
+    def node_args(self, *extra: str) -> list[str]:
+        return ["node", "--admin-socket", str(self.socket), "--upgrade-file", str(self.upgrade_file),
+                "--log", str(self.log), *extra]
+
+    def stage(self, folder: str, version: str, *, args: list[str] | None = None, data_node: list[str] | None = None,
+              name: str | None = None) -> Path:
+        """A release folder with the fake vega reporting `version` and a run-config that runs it."""
+        install_fake_vega(self.root / folder, version)
+        run_config = {"name": name or folder,
+                      "vega": {"binary": {"path": "vega", "args": args if args is not None else self.node_args()},
+                               "rpc": {"socketPath": str(self.socket), "httpPath": "/rpc"}}}
+        if data_node is not None:
+            run_config["data_node"] = {"binary": {"path": "vega", "args": data_node}}
+        (self.root / folder / "run-config.toml").write_text(tomli_w.dumps(run_config))
+        return self.root / folder
+
+    def set_config(self, **keys) -> None:
+        """Rewrites config.toml with these top-level keys changed (dotted names for tables: 'autoInstall.enabled')."""
+        raw = read_toml(self.root / "config.toml")
+        for key, value in keys.items():
+            table = raw
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                table = table.setdefault(parent, {})
+            table[leaf] = value
+        (self.root / "config.toml").write_text(tomli_w.dumps(raw))
+
+    def announce(self, tag: str = "", height: int = 0, ready: bool = False, reply: str = "ok") -> None:
+        write_upgrade_state(self.upgrade_file, tag, height, ready, reply)
+
+    def node_events(self, event: str | None = None) -> list[dict]:
+        return [e for e in read_log(self.log) if event is None or e["event"] == event]
+
+    def started_argv(self) -> list[list[str]]:
+        return [e["argv"] for e in self.node_events("started")]
+
+    @property
+    def current(self) -> str:
+        return os.readlink(self.root / "current")
+
+
+class Events:
+    """Follows the daemon's event stream from before it starts (ZMQ connects before the bind)."""
+
+    def __init__(self, endpoint: str):
+        self.received: list[dict] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.connect(endpoint)
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            if self._sub.poll(50):
+                topic, body = self._sub.recv_multipart()
+                event = msgpack.unpackb(body, raw=False)
+                assert event["type"] == topic.decode()
+                with self._lock:
+                    self.received.append(event)
+
+    def of(self, type_: str, **fields) -> list[dict]:
+        with self._lock:
+            return [e for e in self.received if e["type"] == type_ and all(e.get(k) == v for k, v in fields.items())]
+
+    def types(self) -> list[str]:
+        with self._lock:
+            return [e["type"] for e in self.received]
+
+    def wait_for(self, type_: str, timeout_s: float = 10.0, **fields) -> dict:
+        return wait_until(lambda: (self.of(type_, **fields) or [None])[0],
+                          what=f"event {type_} {fields or ''} (seen: {self.types()[-12:]})", timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1)
+        self._sub.close()
+        self._ctx.term()
+
+
+class Daemon:
+    """`visor run` as an operator starts it, in its own session so teardown can end all of it."""
+
+    def __init__(self, home: TestHome):
+        self.home = home
+        self.proc: subprocess.Popen | None = None
+        self.stderr_path = home.root / "visor.stderr"
+
+    def start(self, *extra: str) -> Daemon:
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen([*VISOR, "run", "--home", str(self.home.root), *extra],
+                                     stdout=self._stderr, stderr=self._stderr, start_new_session=True)
+        return self
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def status(self) -> dict:
+        done = run_cli("status", "--home", self.home.root, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def wait_running(self, timeout_s: float = 10.0) -> dict:
+        def running():
+            done = run_cli("status", "--home", self.home.root, "--json")
+            if done.returncode == 0 and json.loads(done.stdout)["visor"]["state"] == "running":
+                return json.loads(done.stdout)
+            return None
+        return wait_until(running, what="state running", timeout_s=timeout_s)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int:
+        return self.proc.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def processes_of(root: Path) -> list[psutil.Process]:
+    """Every process still alive whose command line mentions this home (daemon, workers, fake node)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(root) in a for a in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found

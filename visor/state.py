@@ -50,6 +50,7 @@ class State:
     folder: str = "genesis"      # the folder `current` points at
     expected: frozenset[str] = frozenset()                  # binaries of the current run-config
     running: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # name -> pid, up
+    launching: frozenset[str] = frozenset()                 # told to start, not yet started or failed
     restarts: int = 0
     exit_code: int | None = None     # decided early, applied once every binary is down
     reason: str = ""
@@ -161,12 +162,16 @@ def step(s: State, fact: Any, cfg: VisorConfig, now: float) -> Result:
             state, actions = _stop_all(s, cfg)
             return state, [Emit.of("visor.stopping"), *actions]
         case Launching(names=names):
-            return replace(s, expected=names), []
+            return replace(s, expected=names, launching=names), []
         case p.BinaryStarted():
             return _on_started(s, fact, now)
         case p.BinaryExited() if s.running.get(fact.name) == fact.pid:
             return _on_exited(s, fact, cfg, now)
-        case p.StartFailed(name=name, error=error) if s.phase is not Phase.STOPPING:
+        case p.StartFailed(name=name) if s.phase is Phase.STOPPING:
+            s = replace(s, launching=s.launching - {name})
+            return _stop_all(s, cfg)
+        case p.StartFailed(name=name, error=error):
+            s = replace(s, launching=s.launching - {name})
             return _on_failure(s, f"{name} could not start: {error}", cfg, now)
         case p.UpgradeStatus():
             return _on_status(s, fact, cfg)
@@ -215,6 +220,8 @@ def _start(s: State, folder: str, snapshot_height: int | None) -> Result:
 def _stop_all(s: State, cfg: VisorConfig) -> Result:
     if s.running:
         return s, [StopBinaries()]
+    if s.launching:
+        return s, []             # one is being started: it is stopped as soon as it reports
     return _all_down(s, cfg)
 
 
@@ -234,7 +241,8 @@ def _all_down(s: State, cfg: VisorConfig) -> Result:
 
 
 def _on_started(s: State, fact: p.BinaryStarted, now: float) -> Result:
-    s = replace(s, running=MappingProxyType({**s.running, fact.name: fact.pid}))
+    s = replace(s, running=MappingProxyType({**s.running, fact.name: fact.pid}),
+                launching=s.launching - {fact.name})
     actions: list[Action] = [Emit.of("binary.started", name=fact.name, pid=fact.pid, path=fact.path,
                                      args=list(fact.args))]
     if s.phase is Phase.STOPPING:
@@ -264,8 +272,8 @@ def _on_exited(s: State, fact: p.BinaryExited, cfg: VisorConfig, now: float) -> 
     if s.phase is Phase.STOPPING or s.phase is Phase.RESTARTING or (u and u.step is Step.STOPPING):
         if u and u.step is Step.STOPPING and not running:
             s = replace(s, upgrade=replace(u, down_at=now))
-        state, actions = _all_down(s, cfg) if not running else (s, [])
-        return state, [emit, *actions]
+        state, actions = _stop_all(s, cfg) if not running else (s, [])
+        return state, [emit, *[a for a in actions if not isinstance(a, StopBinaries)]]
     # nobody asked it to stop: a failure
     state, actions = _on_failure(s, f"{fact.name} exited with code {fact.exitcode}", cfg, now)
     return state, [emit, *actions]

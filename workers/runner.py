@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 until = binary.kill_at if binary else float("inf")
                 match link.receive(until=until, watch=(binary.pidfd,) if binary else ()):
                     case protocol.Shutdown():
+                        if binary is not None:   # the broker stops binaries first; never leave one unwatched
+                            stop_now(binary, stop_timeout_s)
                         return 0
                     case protocol.StartBinary(path=path, args=args, stop_timeout_s=stop_timeout_s) \
                             if binary is None:

@@ -1,0 +1,59 @@
+"""The event table and the Publisher: required fields, envelope, never blocking."""
+
+import msgpack
+import pytest
+import zmq
+
+from visor.events import EVENTS, Publisher
+
+
+@pytest.fixture
+def pub_sub(tmp_path):
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/e.sock"
+    pub = Publisher(ctx, endpoint)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    yield pub, sub
+    sub.close(0)
+    pub.close()
+    ctx.term()
+
+
+def test_every_spec_event_type_is_in_the_table():
+    assert set(EVENTS) >= {"visor.started", "visor.stopping", "visor.stopped", "visor.failed", "worker.started",
+                           "worker.exited", "binary.started", "binary.exited", "binary.restart_scheduled",
+                           "upgrade.accepted", "upgrade.ready", "upgrade.started", "upgrade.completed",
+                           "upgrade.blocked", "fetch.started", "fetch.progress", "fetch.completed", "fetch.failed",
+                           "config.reloaded", "config.rejected", "rpc.unreachable"}
+
+
+def test_an_event_has_topic_envelope_and_increasing_seq(pub_sub):
+    pub, sub = pub_sub
+    received = []
+    for _ in range(100):                              # the subscription takes a moment to arrive
+        pub.emit("upgrade.accepted", tag="v2", height=5)
+        if sub.poll(20):
+            break
+    for n in range(3):
+        pub.emit("binary.exited", name="vega", pid=1, exitcode=-9)
+    while sub.poll(200):
+        received.append(sub.recv_multipart())
+    topics = [t for t, _ in received]
+    bodies = [msgpack.unpackb(b) for _, b in received]
+    assert topics[-3:] == [b"binary.exited"] * 3
+    last = bodies[-1]
+    assert last["v"] == 1 and last["type"] == "binary.exited" and isinstance(last["ts"], float)
+    assert [b["seq"] for b in bodies] == list(range(bodies[0]["seq"], bodies[0]["seq"] + len(bodies)))
+
+
+def test_a_missing_field_is_our_bug(pub_sub):
+    with pytest.raises(ValueError, match="missing"):
+        pub_sub[0].emit("binary.exited", name="vega")
+
+
+def test_a_subscriber_that_never_reads_never_blocks_the_publisher(pub_sub):
+    pub, _sub = pub_sub
+    for n in range(20000):                            # far past the high-water mark
+        pub.emit("fetch.progress", tag="v", asset="a", bytes=n, total=1)

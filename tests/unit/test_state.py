@@ -1,0 +1,209 @@
+"""state.step, fed facts by hand: every decision the broker makes, with no process and no clock."""
+
+from dataclasses import replace
+
+import pytest
+
+from visor import protocol as p
+from visor.config import VisorConfig
+from visor.state import (Boot, Emit, Exit, Launching, Phase, Prefetch, Prepare, QuerySegment, Schedule,
+                         StartBinaries, State, Step, StopBinaries, StopRequested, SwitchCurrent, Timer, step)
+
+CFG = VisorConfig(max_restarts=2, restarts_delay_s=5, max_first_retries=3, max_restart_retries=1,
+                  auto_install=True)
+
+
+def run(facts, s=None, cfg=CFG, now=100.0):
+    """Feeds facts in order; returns the last state and every action, in order."""
+    s = s or State()
+    actions = []
+    for fact in facts:
+        s, more = step(s, fact, cfg, now)
+        actions += more
+    return s, actions
+
+
+def emitted(actions, type_=None):
+    return [a for a in actions if isinstance(a, Emit) and (type_ is None or a.type == type_)]
+
+
+def started(name="vega", pid=10):
+    return p.BinaryStarted(name=name, pid=pid, path=f"/h/genesis/{name}", args=["node"], started_at=1.0)
+
+
+def exited(name="vega", pid=10, code=1):
+    return p.BinaryExited(name=name, pid=pid, exitcode=code)
+
+
+def up(names=("vega",), pids=(10,)):
+    """A state where every binary runs."""
+    s, _ = run([Boot("genesis"), Launching(frozenset(names)), *[started(n, pid) for n, pid in zip(names, pids)]])
+    assert s.phase is Phase.RUNNING
+    return s
+
+
+def test_boot_starts_the_current_folder_with_the_remembered_snapshot():
+    s, actions = run([Boot("v2", snapshot_height=77)])
+    assert actions == [StartBinaries("v2", 77)]
+    assert s.phase is Phase.STARTING and s.folder == "v2"
+
+
+def test_running_once_every_expected_binary_started():
+    s, _ = run([Boot("genesis"), Launching(frozenset({"vega", "data_node"})), started("vega", 10)])
+    assert s.phase is Phase.STARTING
+    s, actions = step(s, started("data_node", 11), CFG, 1)
+    assert s.phase is Phase.RUNNING
+    assert emitted(actions, "binary.started")[0].fields["name"] == "data_node"
+
+
+def test_a_failure_stops_every_binary_and_restarts_all_after_the_delay():
+    s, actions = run([exited("vega", 10)], up(("vega", "data_node"), (10, 11)))
+    assert s.phase is Phase.RESTARTING and s.restarts == 1
+    assert StopBinaries() in actions
+    assert emitted(actions, "binary.restart_scheduled")[0].fields == {"delay_s": 5, "restarts": 1, "max_restarts": 2}
+    s, actions = step(s, exited("data_node", 11, -15), CFG, 1)
+    assert actions[-1] == Schedule("restart", 5)          # the delay starts once all are down
+    s, actions = step(s, Timer("restart"), CFG, 1)
+    assert actions == [QuerySegment()]                    # a data node is asked for its segment first
+    s, actions = step(s, p.Segment(height=500), CFG, 1)
+    assert actions == [StartBinaries("genesis", 500)]
+
+
+def test_without_a_data_node_a_restart_starts_at_once_after_the_delay():
+    s, actions = run([exited(), Timer("restart")], up())
+    assert actions[-1] == StartBinaries("genesis", None)
+    assert s.phase is Phase.STARTING
+
+
+def test_no_history_segment_means_no_snapshot_flag_and_a_failed_query_counts_as_a_failure():
+    s, _ = run([exited("vega", 10), exited("data_node", 11), Timer("restart")], up(("vega", "data_node"), (10, 11)))
+    _, actions = step(s, p.Segment(height=None), CFG, 1)
+    assert actions == [StartBinaries("genesis", None)]
+    s, actions = step(s, p.Segment(height=None, error="database locked"), CFG, 1)
+    assert s.restarts == 2 and actions[-1] == Schedule("restart", 5)
+
+
+def test_the_failure_after_the_last_restart_stops_visor_non_zero():
+    s = replace(up(), restarts=2)
+    s, actions = step(s, exited(code=3), CFG, 1)
+    assert s.phase is Phase.STOPPING
+    assert actions[-1] == Exit(1, "vega exited with code 3; all 2 restarts used")
+
+
+def test_sigterm_stops_everything_and_exits_zero_once_all_are_down():
+    s, actions = run([StopRequested("SIGTERM")], up())
+    assert s.phase is Phase.STOPPING and StopBinaries() in actions
+    assert emitted(actions, "visor.stopping")
+    s, actions = step(s, exited(code=0), CFG, 1)
+    assert actions[-1] == Exit(0, "received SIGTERM")
+
+
+def test_an_exit_of_an_unknown_pid_changes_nothing():
+    s = up()
+    assert step(s, exited(pid=999), CFG, 1) == (s, [])
+
+
+def test_accepted_release_is_announced_once_and_prefetched():
+    s, actions = run([p.UpgradeStatus("v2", 120, False), p.UpgradeStatus("v2", 120, False)], up())
+    assert [a.fields for a in emitted(actions, "upgrade.accepted")] == [{"tag": "v2", "height": 120}]
+    assert actions.count(Prefetch("v2", "v2")) == 1
+
+
+def test_ready_prepares_the_folder_before_stopping_anything():
+    s, actions = run([p.UpgradeStatus("v2", 120, True)], up())
+    assert s.phase is Phase.UPGRADING and s.upgrade.step is Step.PREPARING
+    assert Prepare("v2", "v2", True) in actions and StopBinaries() not in actions
+
+
+def test_upgrade_folders_map_a_tag_to_another_folder():
+    cfg = replace(CFG, upgrade_folders={"v2": "custom"})
+    _, actions = run([p.UpgradeStatus("v2", 120, True)], up(), cfg)
+    assert Prepare("v2", "custom", True) in actions
+
+
+def test_a_whole_upgrade_switches_current_and_starts_from_the_upgrade_height():
+    s = replace(up(), restarts=1)
+    s, _ = run([p.UpgradeStatus("v2", 120, True)], s)
+    s, actions = step(s, p.FolderReady("v2", "/h/v2"), CFG, 10.0)
+    assert emitted(actions, "upgrade.started")[0].fields == {"tag": "v2", "height": 120, "folder": "v2"}
+    assert StopBinaries() in actions and s.upgrade.step is Step.STOPPING
+    s, actions = step(s, exited(code=0), CFG, 10.5)
+    assert actions[1:] == [SwitchCurrent("v2"), StartBinaries("v2", 120)]
+    s, _ = step(s, Launching(frozenset({"vega"})), CFG, 10.5)
+    s, actions = step(s, started(pid=20), CFG, 10.53)
+    done = emitted(actions, "upgrade.completed")[0].fields
+    assert done["tag"] == "v2" and done["downtime_ms"] == pytest.approx(30, abs=0.01)
+    assert s.phase is Phase.RUNNING and s.restarts == 0 and s.folder == "v2"
+    assert s.last_upgrade["tag"] == "v2"
+
+
+def test_ready_for_the_folder_already_running_is_ignored():
+    s = replace(up(), folder="v2")
+    assert step(s, p.UpgradeStatus("v2", 120, True), CFG, 1)[0].phase is Phase.RUNNING
+
+
+def test_stop_delay_waits_before_stopping():
+    cfg = replace(CFG, stop_delay_s=4)
+    s, _ = run([p.UpgradeStatus("v2", 120, True)], up(), cfg)
+    s, actions = step(s, p.FolderReady("v2", "/h/v2"), cfg, 1)
+    assert Schedule("stop", 4) in actions and StopBinaries() not in actions
+    s, actions = step(s, Timer("stop"), cfg, 1)
+    assert actions == [StopBinaries()]
+
+
+def test_a_blocked_upgrade_stops_nothing_and_retries_until_the_folder_is_fixed():
+    s, _ = run([p.UpgradeStatus("v2", 120, True)], up())
+    s, actions = step(s, p.FolderBlocked("v2", "/h/v2", "folder missing"), CFG, 1)
+    assert s.phase is Phase.BLOCKED and s.blocked_reason == "folder missing"
+    assert emitted(actions, "upgrade.blocked")[0].fields == {"tag": "v2", "reason": "folder missing"}
+    assert StopBinaries() not in actions and actions[-1] == Schedule("retry-upgrade", 3)
+    s, actions = step(s, Timer("retry-upgrade"), CFG, 1)
+    assert actions == [Prepare("v2", "v2", True)]
+    s, actions = step(s, p.FolderBlocked("v2", "/h/v2", "folder missing"), CFG, 1)
+    assert not emitted(actions, "upgrade.blocked")        # the same reason is not repeated
+    s, actions = step(s, p.FolderReady("v2", "/h/v2"), CFG, 1)
+    assert s.phase is Phase.UPGRADING and StopBinaries() in actions
+
+
+def test_a_crash_while_blocked_restarts_the_old_binaries_and_forgets_the_upgrade():
+    s, _ = run([p.UpgradeStatus("v2", 120, True), p.FolderBlocked("v2", "/h/v2", "missing")], up())
+    s, _ = step(s, exited(), CFG, 1)
+    assert s.phase is Phase.RESTARTING and s.upgrade is None
+
+
+def test_rpc_failures_use_the_first_budget_until_the_node_answers_then_the_restart_budget():
+    s, actions = run([p.RpcFailed("refused")] * 3, up())
+    assert [a.fields["max"] for a in emitted(actions, "rpc.unreachable")] == [3, 3, 3]
+    assert s.phase is Phase.RUNNING
+    s, actions = step(s, p.RpcFailed("refused"), CFG, 1)
+    assert s.phase is Phase.STOPPING and actions[-1] == StopBinaries()
+    assert "did not answer 4 upgrade-status calls" in s.reason
+    s, _ = run([p.UpgradeStatus("", 0, False), p.RpcFailed("refused")], up())
+    assert s.phase is Phase.RUNNING and s.rpc_failures == 1
+    s, _ = step(s, p.RpcFailed("refused"), CFG, 1)
+    assert s.phase is Phase.STOPPING                      # restart budget: 1
+
+
+def test_rpc_failures_while_binaries_are_down_do_not_count():
+    s, _ = run([exited(), p.RpcFailed("refused"), p.RpcFailed("refused")], up())
+    assert s.rpc_failures == 0 and s.phase is Phase.RESTARTING
+
+
+def test_a_binary_that_cannot_start_counts_as_a_failure():
+    s, _ = run([Boot("genesis"), Launching(frozenset({"vega"})), p.StartFailed("vega", "no such file")])
+    assert s.phase is Phase.RESTARTING and "could not start" in s.reason
+
+
+def test_a_binary_started_while_stopping_is_stopped_before_visor_exits():
+    s, actions = run([Boot("genesis"), Launching(frozenset({"vega"})), StopRequested("SIGINT")])
+    assert not [a for a in actions if isinstance(a, Exit)]        # vega is being launched: wait for it
+    s, actions = step(s, started(), CFG, 1)
+    assert StopBinaries() in actions
+    s, actions = step(s, exited(code=0), CFG, 1)
+    assert actions[-1] == Exit(0, "received SIGINT")
+
+
+def test_a_binary_that_fails_to_start_while_stopping_lets_visor_exit():
+    s, _ = run([Boot("genesis"), Launching(frozenset({"vega"})), StopRequested("SIGINT")])
+    _, actions = step(s, p.StartFailed("vega", "no such file"), CFG, 1)
+    assert actions == [Exit(0, "received SIGINT")]

@@ -105,7 +105,8 @@ def test_a_missing_socket_folder_and_an_empty_socket_path_are_problems(good):
     (good.root / "genesis" / "run-config.toml").write_text(text.replace(str(good.socket), "/nowhere/admin.sock"))
     assert "its folder /nowhere does not exist" in only(findings(good).problems)
     (good.root / "genesis" / "run-config.toml").write_text(text.replace(str(good.socket), ""))
-    assert only(findings(good).problems).endswith("vega.rpc.socketPath is empty; set it to the core node's admin socket")
+    assert only(findings(good).problems).endswith("vega.rpc.socketPath is empty; set it to the core node's "
+                                                  "admin socket")
 
 
 def test_a_run_config_with_a_wrong_type_is_a_problem(good):

@@ -97,6 +97,7 @@ class Events:
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RECONNECT_IVL, 10)   # join soon after the daemon binds
         self._sub.connect(endpoint)
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
@@ -119,8 +120,11 @@ class Events:
             return [e["type"] for e in self.received]
 
     def wait_for(self, type_: str, timeout_s: float = 10.0, **fields) -> dict:
-        return wait_until(lambda: (self.of(type_, **fields) or [None])[0],
-                          what=f"event {type_} {fields or ''} (seen: {self.types()[-12:]})", timeout_s=timeout_s)
+        try:
+            return wait_until(lambda: (self.of(type_, **fields) or [None])[0], what=f"event {type_} {fields or ''}",
+                              timeout_s=timeout_s)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; seen: {self.types()[-15:]}") from None
 
     def close(self) -> None:
         self._stop.set()

@@ -52,6 +52,8 @@ class Broker:
         self.home, self.log_level = home, log_level
         home.ensure_ready()
         self.cfg, warnings = load_visor_config(home.config)
+        self._file_cfg = self.cfg        # config.toml as last loaded; self.cfg keeps keys bound at start
+        self._rejected = False           # the file on disk is not the config that runs
         for warning in warnings:
             log.warning("%s", warning)
         self.run_config = self._load_current()
@@ -339,6 +341,7 @@ class Broker:
             case p.ConfigLoaded(values=values, warnings=warnings):
                 self._reload(values, warnings)
             case p.ConfigRejected(error=error):
+                self._rejected = True
                 log.error("config not reloaded: %s", error)
                 self.emit("config.rejected", error=error)
             case _:
@@ -438,11 +441,12 @@ class Broker:
         except TypeError as err:
             self.emit("config.rejected", error=f"{self.home.config}: {err}")
             return
-        changed = self.cfg.changed_keys(new)
-        if not changed:
-            return
-        pending = [key for key in changed if key in RESTART_ONLY]
+        changed = self._file_cfg.changed_keys(new)
+        if not changed and not self._rejected:
+            return                                   # e.g. a restarted config watcher's first report
+        self._file_cfg, self._rejected = new, False
         self.cfg = replace(new, events_endpoint=self.cfg.events_endpoint)   # bound at start
+        pending = [key for key in new.changed_keys(self.cfg) if key in RESTART_ONLY]
         if "upgradeStatusIntervalMilliseconds" in changed:
             self._watch()
         self.emit("config.reloaded", changed=changed, restart_required=pending)

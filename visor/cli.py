@@ -47,12 +47,12 @@ def cmd_fetch(opts) -> int:
 
 
 def cmd_check(opts) -> int:
-    from visor.check import check_home
-    problems = check_home(Home(Path(opts.home).absolute()))
-    for problem in problems:
-        print(problem)
+    from visor.check import check_home_findings
+    problems, warnings = check_home_findings(Home(Path(opts.home).absolute()))
+    for line in problems + warnings:         # warnings are printed too, but never change the exit code
+        print(line)
     if not problems:
-        print(f"{opts.home}: no problems found")
+        print(f"{opts.home}: no problems found" + (f" ({len(warnings)} warnings)" if warnings else ""))
     return 1 if problems else 0
 
 

@@ -1,19 +1,18 @@
 """Spawns, watches and restarts the worker processes. Owns no node binary and no decision.
 
-Workers are forked from the broker itself (multiprocessing's "fork" context): a fork takes about a
-millisecond, the code the broker has imported is shared copy-on-write, and every worker is the
-broker's own child, so its exit code is exact. (A fork server would put a process between them whose
-death makes every worker look dead.) The child drops the broker's signal plumbing before anything
-else and builds its own ZeroMQ context; it never touches the broker's. A worker's exit is seen
-through its sentinel fd; one silent past HUNG_AFTER_S is killed and, like any worker that dies,
-restarted after a bounded backoff.
+Workers are forked from the broker itself: a fork takes about a millisecond, the code the broker
+has imported is shared copy-on-write, and every worker is the broker's own child, so its exit code
+is exact. (A fork server would put a process between them whose death makes every worker look dead.)
+The child first closes every inherited fd but stdio: the broker's ZeroMQ sockets and their wake-up
+fds must never be touched by another process, or the broker's connections stall. Then it drops the
+broker's signal plumbing and builds its own ZeroMQ context. A worker's exit is seen through a pidfd;
+one silent past HUNG_AFTER_S is killed and, like any worker that dies, restarted after a backoff.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -29,21 +28,29 @@ BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 STEADY_AFTER_S = 30.0            # a worker that lived this long starts its backoff afresh
 
 
-def _run_worker(module: str, argv: list[str]) -> None:
-    """Runs a worker's main in the forked child."""
+def _run_worker(module: str, argv: list[str]) -> int:
+    """Runs a worker's main in the forked child; returns its exit code."""
     from visor.worker import BrokerGone
-    signal.set_wakeup_fd(-1)                     # the broker's; signals here are ours to handle
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the broker's sockets, pidfds, lock, wake-up pair
+    signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        sys.exit(importlib.import_module(module).main(argv))
+        return importlib.import_module(module).main(argv) or 0
     except BrokerGone:
-        sys.exit(0)
+        return 0
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        log.exception("%s failed", argv[argv.index("--name") + 1])
+        return 1
 
 
 @dataclass
 class Worker:
     name: str
-    process: multiprocessing.process.BaseProcess | None = None
+    pid: int | None = None
+    pidfd: int = -1              # readable once the worker has exited
+    exitcode: int | None = None
     restarts: int = 0
     failures_in_a_row: int = 0
     connected: bool = False      # said hello since it was last started
@@ -53,12 +60,8 @@ class Worker:
     retired: bool = False        # told to leave; not restarted
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.exitcode is None
+        return self.pid is not None and self.exitcode is None
 
 
 @dataclass
@@ -69,7 +72,6 @@ class Pool:
     workers: dict[str, Worker] = field(default_factory=dict)
 
     def __post_init__(self):
-        self._ctx = multiprocessing.get_context("fork")
         for module in MODULES.values():          # imported once here, shared by every fork
             try:
                 importlib.import_module(module)
@@ -78,25 +80,32 @@ class Pool:
 
     def spawn(self, name: str) -> Worker:
         w = self.workers.setdefault(name, Worker(name))
-        if w.process is not None and not w.retired:
+        if w.pid is not None and not w.retired:
             w.restarts += 1
         module = MODULES[name.partition(":")[0]]
         argv = ["--endpoint", self.endpoint, "--name", name, "--home", self.home, "--log-level", self.log_level,
                 "--broker-pid", str(os.getpid())]
-        w.process = self._ctx.Process(target=_run_worker, args=(module, argv), name=name, daemon=False)
-        w.process.start()
+        pid = os.fork()
+        if pid == 0:                             # the child: never returns into the broker's code
+            code = 1
+            try:
+                code = _run_worker(module, argv)
+            finally:
+                os._exit(code)
+        w.pid, w.pidfd, w.exitcode = pid, os.pidfd_open(pid), None
         w.connected, w.retired, w.restart_at = False, False, None
         w.started_at = w.last_seen = time.monotonic()
         return w
 
     def sentinels(self) -> dict[int, Worker]:
-        return {w.process.sentinel: w for w in self.workers.values() if w.alive}
+        return {w.pidfd: w for w in self.workers.values() if w.alive}
 
     def reap(self, w: Worker, now: float) -> int:
         """The worker has exited: returns its exit code and, unless retired, schedules its restart."""
-        w.process.join(0)
-        code = w.process.exitcode if w.process.exitcode is not None else -1
-        w.connected = False
+        _pid, status = os.waitpid(w.pid, 0)      # the pidfd said it has exited: this does not block
+        w.exitcode = code = os.waitstatus_to_exitcode(status)
+        os.close(w.pidfd)
+        w.pidfd, w.connected = -1, False
         if not w.retired:
             lived_s = now - w.started_at
             w.failures_in_a_row = 0 if lived_s >= STEADY_AFTER_S else w.failures_in_a_row + 1
@@ -126,8 +135,11 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         for w in self.workers.values():
             w.retired, w.restart_at = True, None
-            if w.process is not None and w.process.exitcode is None:
-                w.process.join(max(0.0, deadline - time.monotonic()))
-                if w.process.exitcode is None:
-                    w.process.kill()
-                    w.process.join(1.0)
+        while (alive := [w for w in self.workers.values() if w.alive]) and time.monotonic() < deadline:
+            for w in alive:
+                if os.waitpid(w.pid, os.WNOHANG)[0]:
+                    w.exitcode = 0
+            time.sleep(0.01)
+        for w in alive:
+            os.kill(w.pid, signal.SIGKILL)
+            os.waitpid(w.pid, 0)

@@ -16,9 +16,8 @@ def pub_sub(tmp_path):
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(endpoint)
     yield pub, sub
-    sub.close(0)
     pub.close()
-    ctx.term()
+    ctx.destroy(linger=0)
 
 
 def test_every_spec_event_type_is_in_the_table():

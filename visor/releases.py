@@ -97,6 +97,8 @@ def check_folder(folder: Path, tag: str) -> str:
 def ensure_folder(folder: Path, tag: str, current_run_config: Path, source: Source | None,
                   report: Report) -> None:
     """Makes `folder` ready for `tag`: verifies it when it exists, else fetches it (source None: may not)."""
+    if not tag or "/" in tag or tag.startswith("."):   # it names a folder in the home; it comes from the chain
+        raise FetchError(f"release tag {tag!r} cannot name a folder; refusing it")
     if os.path.lexists(folder):
         if problem := check_folder(folder, tag):
             raise FetchError(problem)
@@ -126,8 +128,8 @@ def _install(folder: Path, tag: str, current_run_config: Path, source: Source, r
             listing = io.BytesIO()
             client.download(_asset(release, source.checksums, tag), listing, limit=MAX_CHECKSUMS_BYTES)
             _check_sha256(listing.getvalue(), source.checksums, source.asset, sha256)
-        extract(archive, source.asset, work.folder, source.binary_name)
-        binary = work.folder / source.binary_name
+        binary = _target(work.folder, source.binary_name, "autoInstall.asset.binaryName")
+        extract(archive, source.asset, work.folder, binary)
         if not binary.is_file() or binary.is_symlink():
             raise FetchError(f"{source.asset}: holds no file named {source.binary_name}")
         binary.chmod(binary.stat().st_mode | 0o111)            # a+x, as the Go visor does
@@ -395,7 +397,7 @@ def _http_error(url: str, resp: requests.Response) -> FetchError:
 
 # --- safe extraction ----------------------------------------------------------------------------
 
-def extract(archive: Path, asset: str, into: Path, binary: str) -> None:
+def extract(archive: Path, asset: str, into: Path, binary: Path) -> None:
     """Unpacks a .zip or .tar.gz asset into `into`, refusing anything that could write outside it
     (.., absolute names, links) or fill the disk (sizes checked before writing, then counted).
     Any other asset is the binary itself."""
@@ -404,7 +406,8 @@ def extract(archive: Path, asset: str, into: Path, binary: str) -> None:
     elif asset.endswith((".tar.gz", ".tgz")):
         _untar(archive, asset, into)
     else:
-        os.replace(archive, into / binary)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(archive, binary)
 
 
 def _unzip(archive: Path, asset: str, into: Path) -> None:

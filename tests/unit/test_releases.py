@@ -289,3 +289,17 @@ def test_visor_fetch_failure_is_one_line_and_leaves_nothing(home, server):
     assert done.stderr.startswith("visor: fetch of v0.73.0 failed:") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
     assert_nothing_left(home)
+
+
+def test_a_tag_that_would_leave_the_home_is_refused(home, server):
+    with pytest.raises(FetchError, match="cannot name a folder"):
+        fetch(home, source(server), "../outside")
+    assert not server.requests
+
+
+def test_visor_fetch_does_not_touch_an_existing_broken_folder(home, server):
+    home.stage(TAG, "v0.72.9")
+    home.set_config(**{"autoInstall.apiUrl": server.url})
+    done = run_cli("fetch", "--home", home.root, TAG)
+    assert done.returncode == 1 and not server.requests
+    assert done.stderr == f"visor: version mismatch: {home.root / TAG / 'vega'} reports v0.72.9, want {TAG}\n"

@@ -81,6 +81,11 @@ class TestHome:
     def started_argv(self) -> list[list[str]]:
         return [e["argv"] for e in self.node_events("started")]
 
+    def wait_started(self, n: int, timeout_s: float = 10.0) -> list[str]:
+        """The argv of the n-th start of the fake node, once its log has it (it logs ~20 ms after exec)."""
+        wait_until(lambda: len(self.node_events("started")) >= n, what=f"node start #{n}", timeout_s=timeout_s)
+        return self.started_argv()[n - 1]
+
     @property
     def current(self) -> str:
         return os.readlink(self.root / "current")

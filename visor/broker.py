@@ -79,8 +79,10 @@ class Broker:
             self._spawn(name)
         folder = self.home.current_folder().name
         pending = memory.get("pending") or {}
-        snapshot = pending.get("height") if pending.get("folder") == folder else None
-        self.feed(st.Boot(folder, snapshot))
+        if pending.get("folder") == folder:          # killed after the switch, before the node came up
+            self._pending_upgrade = pending
+            log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
+        self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height")))
         try:
             self._loop()
         finally:
@@ -205,11 +207,15 @@ class Broker:
                 self._execute(action)
 
     def _remember_upgrade(self) -> None:
-        """Writes down an upgrade that has started stopping binaries, before any stop is sent."""
-        u = self.state.upgrade
-        pending = {"tag": u.tag, "folder": u.folder, "height": u.height} \
-            if u and u.step in (st.Step.STOPPING, st.Step.STARTING) else None
-        if pending != self._pending_upgrade and (pending or self.state.phase is Phase.RUNNING):
+        """Writes down an upgrade before its first stop is sent, and forgets it once the new node has
+        answered: a broker killed in between starts the new folder from the upgrade block again."""
+        u, s = self.state.upgrade, self.state
+        pending = self._pending_upgrade
+        if u and u.step in (st.Step.STOPPING, st.Step.STARTING):
+            pending = {"tag": u.tag, "folder": u.folder, "height": u.height}
+        elif s.phase is Phase.RUNNING and not s.first_budget:    # it answered since it started
+            pending = None
+        if pending != self._pending_upgrade:
             self._pending_upgrade = pending
             self._write_memory()
 

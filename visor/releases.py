@@ -109,7 +109,7 @@ def ensure_folder(folder: Path, tag: str, current_run_config: Path, source: Sour
     try:
         sha256 = _install(folder, tag, current_run_config, source, report)
     except (VisorError, OSError) as err:
-        error = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) else str(err)
+        error = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
         report(protocol.FetchFailed(tag=tag, asset=source.asset, error=error))
         raise FetchError(f"fetch of {tag} failed: {error}") from None
     report(protocol.FetchCompleted(tag=tag, asset=source.asset, sha256=sha256))
@@ -156,7 +156,7 @@ def derive_run_config(current: Path, tag: str, binary: str) -> bytes:
 
 
 class _Partial:
-    """HOME/.TAG.partial-XXXX: download/ and folder/ inside; flock'ed while in use, removed on exit
+    """HOME/.TAG.partial-XXXX, holding the download and folder/; flock'ed while in use, removed on exit
     unless folder/ was renamed into place. A crashed fetch's lock dies with it: it is then stale."""
 
     def __init__(self, target: Path):

@@ -25,10 +25,12 @@ from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, 
 from visor.errors import ConfigError, HomeError, VisorError
 from visor.events import Publisher
 from visor.home import Home, read_memory, switch_current, write_memory
+from visor.logs import setup_logging
+from visor.notify import Notifier
 from visor.pool import Pool
 from visor.state import Phase
 
-log = logging.getLogger("visor")
+log = logging.getLogger("visor")          # workers log under their own names
 PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
 
@@ -48,10 +50,12 @@ class Binary:                    # a running node binary, as the broker knows it
 
 
 class Broker:
-    def __init__(self, home: Home, log_level: str = "INFO"):
-        self.home, self.log_level = home, log_level
+    def __init__(self, home: Home, log_level: str | None = None):
+        self.home = home
         home.ensure_ready()
         self.cfg, warnings = load_visor_config(home.config)
+        self.log_level = log_level or self.cfg.log_level       # the command line wins over the file
+        setup_logging(self.cfg.log_format, self.log_level)
         self._file_cfg = self.cfg        # config.toml as last loaded; self.cfg keeps keys bound at start
         self._rejected = False           # the file on disk is not the config that runs
         for warning in warnings:
@@ -64,6 +68,8 @@ class Broker:
         self.facts: list = []
         self.exit: tuple[int, str] | None = None
         self._pending_upgrade: dict | None = None
+        self.notifier = Notifier()
+        self._ready_sent = False
 
     # --- start and stop -----------------------------------------------------------------------
 
@@ -77,6 +83,11 @@ class Broker:
         self.emit("visor.started")
         for name in ("upgrade-watcher", "config-watcher", "fetcher"):
             self._spawn(name)
+        if self.cfg.metrics_listen:
+            self._spawn("metrics")
+            self._assign("metrics", p.ServeMetrics(listen=self.cfg.metrics_listen,
+                                                   events_endpoint=self.home.events_endpoint(self.cfg),
+                                                   control_endpoint=self.home.endpoint("control")))
         folder = self.home.current_folder().name
         pending = memory.get("pending") or {}
         if pending.get("folder") == folder:          # killed after the switch, before the node came up
@@ -94,6 +105,7 @@ class Broker:
             self.emit("visor.failed", reason=reason)
             log.error("%s", reason)
         self.events.close()
+        self.notifier.close()
         return code
 
     def _lock(self) -> None:
@@ -163,6 +175,7 @@ class Broker:
         poller.register(self._wake_r, zmq.POLLIN)
         watched: set[int] = set()
         next_hung_check = time.monotonic() + 5
+        next_ping = time.monotonic() if self.notifier.watchdog_s else float("inf")
         while self.exit is None:
             self._drain_facts()
             if self.exit is not None:
@@ -174,7 +187,7 @@ class Broker:
                 poller.unregister(fd)
             watched = set(sentinels)
             now = time.monotonic()
-            deadline = min([*self.timers.values(), self.pool.next_deadline(), next_hung_check])
+            deadline = min([*self.timers.values(), self.pool.next_deadline(), next_hung_check, next_ping])
             ready = dict(poller.poll(max(0.0, deadline - now) * 1000))
             now = time.monotonic()
             if self._wake_r.fileno() in ready:
@@ -194,6 +207,9 @@ class Broker:
             if now >= next_hung_check:
                 self.pool.kill_hung(now)
                 next_hung_check = now + 5
+            if now >= next_ping:                     # proves this loop turns, not just that we exist
+                self.notifier.ping()
+                next_ping = now + self.notifier.watchdog_s
 
     def feed(self, fact) -> None:
         self.facts.append(fact)
@@ -203,6 +219,7 @@ class Broker:
             fact = self.facts.pop(0)
             self.state, actions = st.step(self.state, fact, self.cfg, time.monotonic())
             self._remember_upgrade()
+            self._tell_systemd()
             for action in actions:
                 self._execute(action)
 
@@ -218,6 +235,29 @@ class Broker:
         if pending != self._pending_upgrade:
             self._pending_upgrade = pending
             self._write_memory()
+
+    def _tell_systemd(self) -> None:
+        s, u = self.state, self.state.upgrade
+        match s.phase:
+            case Phase.RUNNING:
+                pids = ", ".join(f"{name} pid {pid}" for name, pid in s.running.items())
+                text = f"running {s.folder} ({pids})"
+                if not self._ready_sent:
+                    self._ready_sent = True
+                    self.notifier.ready(text)
+                    return
+            case Phase.UPGRADING:
+                text = f"upgrading to {u.tag} at block {u.height}" if u else "upgrading"
+            case Phase.BLOCKED:
+                text = f"blocked: {s.blocked_reason}"
+            case Phase.RESTARTING:
+                text = f"restarting ({s.restarts} of {self.cfg.max_restarts}): {s.reason}"
+            case Phase.STOPPING:
+                self.notifier.stopping(f"stopping: {s.reason}")
+                return
+            case _:
+                text = f"starting {s.folder}"
+        self.notifier.status(text)
 
     def _write_memory(self) -> None:
         binaries = {}
@@ -451,7 +491,10 @@ class Broker:
         if not changed and not self._rejected:
             return                                   # e.g. a restarted config watcher's first report
         self._file_cfg, self._rejected = new, False
-        self.cfg = replace(new, events_endpoint=self.cfg.events_endpoint)   # bound at start
+        self.cfg = replace(new, events_endpoint=self.cfg.events_endpoint,   # bound at start
+                           metrics_listen=self.cfg.metrics_listen)
+        if "logLevel" in changed or "logFormat" in changed:
+            setup_logging(new.log_format, new.log_level)
         pending = [key for key in new.changed_keys(self.cfg) if key in RESTART_ONLY]
         if "upgradeStatusIntervalMilliseconds" in changed:
             self._watch()

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from visor import __version__
 from visor.errors import VisorError
 from visor.home import Home
-
-log = logging.getLogger("visor")
 
 
 def cmd_init(opts) -> int:
@@ -24,8 +21,6 @@ def cmd_init(opts) -> int:
 
 def cmd_run(opts) -> int:
     from visor.broker import Broker
-    logging.basicConfig(level=opts.log_level, stream=sys.stderr,
-                        format="%(asctime)s visor %(levelname)s %(message)s")
     return Broker(Home(Path(opts.home).absolute()), opts.log_level).run()
 
 
@@ -96,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
     run = sub.add_parser("run", help="run the node binaries in the foreground")
     _home_arg(run)
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="overrides logLevel of config.toml")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show what the running daemon is doing")
     _home_arg(status)

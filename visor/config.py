@@ -35,6 +35,10 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
         "how often the core node is asked for its upgrade status"),
     "eventsEndpoint": ("events_endpoint", str, "",
         "ZeroMQ endpoint of the event stream; empty means ipc://HOME/.visor/events.sock"),
+    "metricsListen": ("metrics_listen", str, "",
+        "host:port to serve Prometheus metrics on, e.g. 127.0.0.1:9120; empty means no metrics"),
+    "logFormat": ("log_format", str, "text", "Visor's own log lines: text, or json (one object per line)"),
+    "logLevel": ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "upgradeFolders": ("upgrade_folders", dict, {}, "release tag -> folder name, overriding the tag"),
     "autoInstall.enabled": ("auto_install", bool, True, "fetch releases automatically"),
     "autoInstall.repositoryOwner": ("repository_owner", str, "vegaprotocol", "GitHub owner of the releases"),
@@ -47,7 +51,8 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
 }
 WORDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a table"}
 # Keys whose change needs a restart of `visor run` to take effect.
-RESTART_ONLY = frozenset({"eventsEndpoint"})
+RESTART_ONLY = frozenset({"eventsEndpoint", "metricsListen"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class VisorConfig:
     stop_timeout_s: int = 15
     status_interval_ms: int = 1000
     events_endpoint: str = ""
+    metrics_listen: str = ""
+    log_format: str = "text"
+    log_level: str = "INFO"
     upgrade_folders: dict[str, str] = field(default_factory=dict)
     auto_install: bool = True
     repository_owner: str = "vegaprotocol"
@@ -156,7 +164,19 @@ def parse_visor_config(raw: dict[str, Any], path: Path) -> tuple[VisorConfig, li
     endpoint = values.get("events_endpoint", "")
     if endpoint and not endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(path, f"eventsEndpoint must start with ipc:// or tcp://, got {endpoint!r}")
+    _check_choices(values, path)
     return VisorConfig(**values), warnings
+
+
+def _check_choices(values: dict[str, Any], path: Path) -> None:
+    if values.get("log_format", "text") not in ("text", "json"):
+        raise ConfigError(path, f"logFormat must be \"text\" or \"json\", got {values['log_format']!r}")
+    if values.get("log_level", "INFO") not in LOG_LEVELS:
+        raise ConfigError(path, f"logLevel must be one of {', '.join(LOG_LEVELS)}, got {values['log_level']!r}")
+    listen = values.get("metrics_listen", "")
+    host, _, port = listen.rpartition(":")
+    if listen and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(path, f"metricsListen must be host:port, e.g. 127.0.0.1:9120, got {listen!r}")
 
 
 def _table(raw: dict, key: str, path: Path) -> dict:

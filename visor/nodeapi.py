@@ -57,7 +57,7 @@ class AdminClient:
         call_id = next(self._ids)
         body = json.dumps({"method": method, "params": [None], "id": call_id})
         try:
-            status, raw = self._post(body)
+            status, raw = self._post_once_more_if_stale(body)
         except (OSError, http.client.HTTPException) as err:
             self.close()
             raise NodeError(f"{self.socket_path}: {_describe(err)}") from None
@@ -73,6 +73,17 @@ class AdminClient:
         if not isinstance(result, dict):
             raise NodeError(f"{self.socket_path}: {method} returned {result!r}")
         return result
+
+    def _post_once_more_if_stale(self, body: str) -> tuple[int, bytes]:
+        """A kept-alive connection may belong to a node that has since restarted: retry once, fresh."""
+        reused = self._conn is not None
+        try:
+            return self._post(body)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            if not reused:
+                raise
+            self.close()
+            return self._post(body)
 
     def _post(self, body: str) -> tuple[int, bytes]:
         if self._conn is None:

@@ -203,6 +203,17 @@ class ConfigRejected:            # config-watcher -> broker: config.toml changed
     error: str                   # one line naming the file and the problem
 
 
+# --- metrics (optional worker, when metricsListen is set) --------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeMetrics:              # broker -> metrics: serve Prometheus metrics on `listen`
+    kind: ClassVar[str] = "serve_metrics"
+    listen: str                  # host:port
+    events_endpoint: str         # the event stream it counts from
+    control_endpoint: str        # where it asks for `status` at each scrape
+
+
 # --- control socket (CLI <-> broker) ----------------------------------------------------------
 
 
@@ -228,7 +239,7 @@ MESSAGES: dict[str, type] = {m.kind: m for m in (
     Hello, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
     StartBinary, AdoptBinary, StopBinary, BinaryStarted, StartFailed, BinaryExited, QuerySegment, Segment,
     Prepare, FolderReady, FolderBlocked, FetchStarted, FetchProgress, FetchCompleted, FetchFailed,
-    ConfigLoaded, ConfigRejected, StatusRequest, StatusReply, ErrorReply,
+    ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, ErrorReply,
 )}
 
 

@@ -34,7 +34,9 @@ def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-pid", type=int, default=0, help="leave when this process exits")
     parser.add_argument("--log-level", default="INFO")
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=opts.log_level, format=f"%(asctime)s {opts.name} %(levelname)s %(message)s")
+    # a forked worker keeps the broker's handler (text or JSON); run alone, it gets a plain one
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(opts.log_level)
     return opts
 
 

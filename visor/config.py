@@ -7,6 +7,7 @@ file is judged the same way everywhere. This module reads files; it never writes
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
         "how often the core node is asked for its upgrade status"),
     "eventsEndpoint": ("events_endpoint", str, "",
         "ZeroMQ endpoint of the event stream; empty means ipc://HOME/.visor/events.sock"),
+    "eventsAllowRemote": ("events_allow_remote", bool, False,
+        "allow a tcp:// eventsEndpoint on an address other than loopback (anyone who reaches it can listen)"),
     "metricsListen": ("metrics_listen", str, "",
         "host:port to serve Prometheus metrics on, e.g. 127.0.0.1:9120; empty means no metrics"),
     "logFormat": ("log_format", str, "text", "Visor's own log lines: text, or json (one object per line)"),
@@ -51,7 +54,7 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
 }
 WORDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a table"}
 # Keys whose change needs a restart of `visor run` to take effect.
-RESTART_ONLY = frozenset({"eventsEndpoint", "metricsListen"})
+RESTART_ONLY = frozenset({"eventsEndpoint", "eventsAllowRemote", "metricsListen"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -65,6 +68,7 @@ class VisorConfig:
     stop_timeout_s: int = 15
     status_interval_ms: int = 1000
     events_endpoint: str = ""
+    events_allow_remote: bool = False
     metrics_listen: str = ""
     log_format: str = "text"
     log_level: str = "INFO"
@@ -164,8 +168,19 @@ def parse_visor_config(raw: dict[str, Any], path: Path) -> tuple[VisorConfig, li
     endpoint = values.get("events_endpoint", "")
     if endpoint and not endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(path, f"eventsEndpoint must start with ipc:// or tcp://, got {endpoint!r}")
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]") if endpoint.startswith("tcp://") else ""
+    if host and not _loopback(host) and not values.get("events_allow_remote"):
+        raise ConfigError(path, f"eventsEndpoint {endpoint!r} is not a loopback address; "
+                                "set eventsAllowRemote = true to publish events to the network")
     _check_choices(values, path)
     return VisorConfig(**values), warnings
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _check_choices(values: dict[str, Any], path: Path) -> None:

@@ -60,6 +60,9 @@ stopSignalTimeoutSeconds = 15
     ("upgradeFolders = 3", "upgradeFolders must be a table, got 3"),
     ("[upgradeFolders]\nv1 = '../etc'", "upgradeFolders.v1 must be a folder name inside the home"),
     ("eventsEndpoint = 'http://x'", "eventsEndpoint must start with ipc:// or tcp://"),
+    ("eventsEndpoint = 'tcp://0.0.0.0:5555'", "is not a loopback address; set eventsAllowRemote = true"),
+    ("logFormat = 'xml'", 'logFormat must be "text" or "json"'),
+    ("metricsListen = '9120'", "metricsListen must be host:port"),
     ("maxNumberOfRestarts = \n", "not valid TOML (Invalid value (at line 1, column 23))"),
 ])
 def test_a_bad_value_is_one_line_naming_file_and_key(tmp_path, text, message):
@@ -73,6 +76,13 @@ def test_a_bad_value_is_one_line_naming_file_and_key(tmp_path, text, message):
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"config.toml: file not found"):
         load_visor_config(tmp_path / "config.toml")
+
+
+def test_a_loopback_or_explicitly_allowed_tcp_endpoint_is_accepted(tmp_path):
+    assert load_visor_config(write(tmp_path, "eventsEndpoint = 'tcp://127.0.0.1:5555'"))[0].events_endpoint
+    assert load_visor_config(write(tmp_path, "eventsEndpoint = 'tcp://[::1]:5555'"))[0].events_endpoint
+    allowed = "eventsEndpoint = 'tcp://10.0.0.5:5555'\neventsAllowRemote = true"
+    assert load_visor_config(write(tmp_path, allowed))[0].events_allow_remote
 
 
 def test_unknown_keys_are_warned_about_not_fatal(tmp_path):

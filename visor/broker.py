@@ -22,7 +22,7 @@ import zmq
 from visor import __version__, protocol as p, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
-from visor.errors import ConfigError, HomeError, VisorError
+from visor.errors import ConfigError, HomeError
 from visor.events import Publisher
 from visor.home import Home, read_memory, switch_current, write_memory
 from visor.logs import setup_logging

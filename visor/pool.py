@@ -15,7 +15,6 @@ import importlib
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 

@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import zipfile

@@ -1,52 +1,36 @@
-"""The broker: one poll loop over the worker socket, the control socket, worker sentinels and signals.
+"""The broker: one poll loop over the worker socket, the control socket, worker pidfds and signals.
 
-It owns the sockets, the timers and the table of running binaries, and it carries out the actions
-that state.step decides. It never blocks on anything but its poller: every slow thing is a worker's.
-It is a child subreaper, so a binary whose runner was killed becomes its child, and it reaps it.
+It owns the sockets, the timers, the worker pool and the table of running binaries, and it carries
+out the actions that state.step decides. It never blocks on anything but its poller: every slow
+thing is a worker's. It is a child subreaper, so a binary whose runner was killed becomes its
+child, and it reaps it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import os
 import signal
-import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import psutil
 import zmq
 
-from visor import __version__, protocol as p, state as st
+from visor import protocol as p, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
+from visor.binaries import Binaries, become_subreaper, end_leftovers
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
-from visor.events import Publisher
 from visor.home import Home, read_memory, switch_current, write_memory
 from visor.logs import setup_logging
 from visor.notify import Notifier
 from visor.pool import Pool
+from visor.sockets import Sockets
 from visor.state import Phase
 
 log = logging.getLogger("visor")          # workers log under their own names
-PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
-
-
-@dataclass
-class Binary:                    # a running node binary, as the broker knows it
-    name: str
-    pid: int
-    path: str
-    args: list[str]
-    started_at: float
-    runner_pid: int              # the runner that started or adopted it
-    stop_sent: bool = False
-
-    def row(self) -> dict:
-        return {"pid": self.pid, "path": self.path, "args": self.args, "started_at": self.started_at}
 
 
 class Broker:
@@ -62,7 +46,7 @@ class Broker:
             log.warning("%s", warning)
         self.run_config = self._load_current()
         self.state = st.State()
-        self.binaries: dict[str, Binary] = {}
+        self.binaries = Binaries()
         self.assignments: dict[str, object] = {}    # worker -> command it must hold (resent on hello)
         self.timers: dict[str, float] = {}
         self.facts: list = []
@@ -76,9 +60,10 @@ class Broker:
     def run(self) -> int:
         self._lock()
         memory = read_memory(self.home)
-        self._end_leftovers(memory)
-        _become_subreaper()
-        self._open_sockets()
+        end_leftovers(memory.get("binaries") or {}, self.cfg.stop_timeout_s)
+        become_subreaper()
+        self.sockets = Sockets(self.home.endpoint("broker"), self.home.endpoint("control"),
+                               self.home.events_endpoint(self.cfg))
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
         for name in ("upgrade-watcher", "config-watcher", "fetcher"):
@@ -104,7 +89,7 @@ class Broker:
         else:
             self.emit("visor.failed", reason=reason)
             log.error("%s", reason)
-        self.events.close()
+        self.sockets.close()
         self.notifier.close()
         return code
 
@@ -115,64 +100,19 @@ class Broker:
         except OSError:
             raise HomeError(f"{self.home.root}: another `visor run` is already running for this home") from None
 
-    def _end_leftovers(self, memory: dict) -> None:
-        """Binaries a killed broker left running are stopped before ours start: never two copies."""
-        procs = []
-        for name, seen in (memory.get("binaries") or {}).items():
-            try:
-                proc = psutil.Process(seen["pid"])
-                if abs(proc.create_time() - seen["create_time"]) < 0.01:
-                    log.warning("%s (pid %d) from the previous run is still up: stopping it", name, proc.pid)
-                    proc.terminate()
-                    procs.append(proc)
-            except (psutil.Error, KeyError, TypeError):
-                continue
-        _gone, alive = psutil.wait_procs(procs, timeout=self.cfg.stop_timeout_s)
-        for proc in alive:
-            proc.kill()
-        psutil.wait_procs(alive, timeout=5)
-
-    def _open_sockets(self) -> None:
-        self.ctx = zmq.Context()
-        self.workers = self._bind(zmq.ROUTER, self.home.endpoint("broker"))
-        self.control = self._bind(zmq.ROUTER, self.home.endpoint("control"))
-        endpoint = self.home.events_endpoint(self.cfg)
-        _remove_stale(endpoint)
-        self.events = Publisher(self.ctx, endpoint)
-        self._wake_r, wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.fileno())
-        self._wake_w = wake_w
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, lambda *_: None)     # the wakeup fd carries the signal to the loop
-
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
-        _remove_stale(endpoint)
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
-        sock.setsockopt(zmq.SNDHWM, 1000)
-        sock.bind(endpoint)
-        os.chmod(endpoint[len("ipc://"):], 0o600)
-        return sock
-
     def _close(self) -> None:
         for name in list(self.pool.workers):
             self._send(name, p.Shutdown())
         self.pool.shutdown()
-        signal.set_wakeup_fd(-1)
         write_memory(self.home, {"binaries": {}, "pending": self._pending_upgrade})
-        self.workers.close()
-        self.control.close()
 
     # --- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.workers, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.sockets.workers, zmq.POLLIN)
+        poller.register(self.sockets.control, zmq.POLLIN)
+        poller.register(self.sockets.wake, zmq.POLLIN)
         watched: set[int] = set()
         next_hung_check = time.monotonic() + 5
         next_ping = time.monotonic() if self.notifier.watchdog_s else float("inf")
@@ -190,12 +130,12 @@ class Broker:
             deadline = min([*self.timers.values(), self.pool.next_deadline(), next_hung_check, next_ping])
             ready = dict(poller.poll(max(0.0, deadline - now) * 1000))
             now = time.monotonic()
-            if self._wake_r.fileno() in ready:
+            if self.sockets.wake.fileno() in ready:
                 self._on_signals()
-            if self.workers in ready:
+            if self.sockets.workers in ready:
                 self._on_worker_frames()
-            if self.control in ready:
-                self._on_control()
+            if self.sockets.control in ready:
+                self.sockets.answer_control(self._answer)
             for fd in watched & ready.keys():
                 self._on_worker_exit(sentinels[fd], now)
             for name, at in list(self.timers.items()):
@@ -237,36 +177,17 @@ class Broker:
             self._write_memory()
 
     def _tell_systemd(self) -> None:
-        s, u = self.state, self.state.upgrade
-        match s.phase:
-            case Phase.RUNNING:
-                pids = ", ".join(f"{name} pid {pid}" for name, pid in s.running.items())
-                text = f"running {s.folder} ({pids})"
-                if not self._ready_sent:
-                    self._ready_sent = True
-                    self.notifier.ready(text)
-                    return
-            case Phase.UPGRADING:
-                text = f"upgrading to {u.tag} at block {u.height}" if u else "upgrading"
-            case Phase.BLOCKED:
-                text = f"blocked: {s.blocked_reason}"
-            case Phase.RESTARTING:
-                text = f"restarting ({s.restarts} of {self.cfg.max_restarts}): {s.reason}"
-            case Phase.STOPPING:
-                self.notifier.stopping(f"stopping: {s.reason}")
-                return
-            case _:
-                text = f"starting {s.folder}"
-        self.notifier.status(text)
+        text = report.systemd_status(self.state, self.cfg)
+        if self.state.phase is Phase.STOPPING:
+            self.notifier.stopping(text)
+        elif self.state.phase is Phase.RUNNING and not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready(text)
+        else:
+            self.notifier.status(text)
 
     def _write_memory(self) -> None:
-        binaries = {}
-        for b in self.binaries.values():
-            try:
-                binaries[b.name] = {"pid": b.pid, "create_time": psutil.Process(b.pid).create_time()}
-            except psutil.Error:
-                continue
-        write_memory(self.home, {"binaries": binaries, "pending": self._pending_upgrade})
+        write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade})
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -332,21 +253,8 @@ class Broker:
     # --- what comes in ------------------------------------------------------------------------
 
     def _on_worker_frames(self) -> None:
-        for _ in range(100):                         # bounded, so a flood cannot starve the rest
-            try:
-                ident, frame = self.workers.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:                       # not the two frames a DEALER sends
-                continue
-            name = ident.decode(errors="replace")
-            worker = self.pool.workers.get(name)
-            try:
-                msg = p.decode(frame)
-            except p.ProtocolError as err:
-                log.warning("dropped a frame from %s: %s", name, err)
-                continue
-            if worker is None:
+        for name, msg in self.sockets.reports():
+            if (worker := self.pool.workers.get(name)) is None:
                 log.warning("dropped %s from unknown worker %r", msg.kind, name)
                 continue
             worker.last_seen = time.monotonic()
@@ -361,8 +269,7 @@ class Broker:
                 pass
             case p.BinaryStarted():
                 self.assignments.pop(name, None)
-                self.binaries[msg.name] = Binary(msg.name, msg.pid, msg.path, list(msg.args), msg.started_at,
-                                                 runner_pid=worker.pid)
+                self.binaries.started(msg, runner_pid=worker.pid)
                 self.feed(msg)
                 self._write_memory()
             case p.BinaryExited():
@@ -406,10 +313,8 @@ class Broker:
             self._send(name, self.assignments[name])
 
     def _forget_binary(self, msg: p.BinaryExited) -> None:
-        binary = self.binaries.get(msg.name)
-        if binary is None or binary.pid != msg.pid:
+        if not self.binaries.forget(msg):
             return                                   # already reported by the other side
-        del self.binaries[msg.name]
         if not self.binaries:
             self.timers.pop("stop-watchdog", None)
         self.feed(msg)
@@ -422,58 +327,29 @@ class Broker:
                 worker.name, pid, code)
         self.emit("worker.exited", worker=worker.name, pid=pid, exitcode=code)
         if worker.name.startswith("runner:"):
-            # its binary is now our child (subreaper), or it had already ended unreported
-            self._reap_orphans()
-            self._forget_vanished()
+            self._account_for_binaries()     # its binary is now our child, or ended unreported
 
-    def _forget_vanished(self) -> None:
-        """A binary that is gone with nobody left to report it: its exit code is lost."""
-        for b in list(self.binaries.values()):
-            if self.pool.workers.get(f"runner:{b.name}") and self.pool.workers[f"runner:{b.name}"].alive \
-                    and b.runner_pid == self.pool.workers[f"runner:{b.name}"].pid:
-                continue                             # its runner is alive and will report it
-            if not psutil.pid_exists(b.pid):
-                log.warning("%s (pid %d) ended while its runner was down; exit code unknown", b.name, b.pid)
-                self._forget_binary(p.BinaryExited(name=b.name, pid=b.pid, exitcode=-1))
+    def _account_for_binaries(self) -> None:
+        """Reports binaries that ended with no runner to report them: reaped by us, or vanished."""
+        workers = self.pool.workers.values()
+        for exit_ in self.binaries.reap_orphans({w.pid for w in workers}):
+            self._forget_binary(exit_)
+        for exit_ in self.binaries.vanished({w.pid for w in workers if w.alive}):
+            self._forget_binary(exit_)
 
     def _on_signals(self) -> None:
-        try:
-            signums = self._wake_r.recv(64)
-        except BlockingIOError:
-            return
-        for signum in signums:
+        for signum in self.sockets.signals():
             if signum == signal.SIGCHLD:
-                self._reap_orphans()
+                for exit_ in self.binaries.reap_orphans({w.pid for w in self.pool.workers.values()}):
+                    self._forget_binary(exit_)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.feed(st.StopRequested(signal.Signals(signum).name))
 
-    def _reap_orphans(self) -> None:
-        """Binaries whose runner died are our children now (subreaper): reap them and report."""
-        for binary in list(self.binaries.values()):
-            try:
-                pid, status = os.waitpid(binary.pid, os.WNOHANG)
-            except ChildProcessError:
-                continue                             # still its runner's child
-            if pid:
-                self._forget_binary(p.BinaryExited(name=binary.name, pid=pid,
-                                                   exitcode=os.waitstatus_to_exitcode(status)))
-        workers = {w.pid for w in self.pool.workers.values()}
-        for child in psutil.Process().children():    # other orphans (a dead worker's `vega version`...)
-            if child.pid not in workers:
-                try:
-                    os.waitpid(child.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-
     def _on_timer(self, name: str) -> None:
         if name == "stop-watchdog":
-            for b in list(self.binaries.values()):
-                if b.stop_sent and psutil.pid_exists(b.pid):
-                    log.warning("%s (pid %d) still up after stop: killing it", b.name, b.pid)
-                    _kill_group(b.pid)
-            self._reap_orphans()
-            self._forget_vanished()
+            self.binaries.kill_stopped()
+            self._account_for_binaries()
             if self.binaries:
                 self.timers["stop-watchdog"] = time.monotonic() + STOP_GRACE_S
             return
@@ -502,24 +378,10 @@ class Broker:
         if pending:
             log.warning("config: %s take effect at the next start of `visor run`", ", ".join(pending))
 
-    def _on_control(self) -> None:
-        for _ in range(100):
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 3 or frames[1] != b"":
-                continue                             # not a REQ envelope: nobody to answer
-            try:
-                msg = p.decode(frames[2])
-                reply = p.StatusReply(status=self.status()) if isinstance(msg, p.StatusRequest) \
-                    else p.ErrorReply(error=f"unsupported request {msg.kind!r}")
-            except p.ProtocolError as err:
-                reply = p.ErrorReply(error=str(err))
-            try:
-                self.control.send_multipart([frames[0], b"", p.encode(reply)], zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+    def _answer(self, request: p.Message) -> p.Message:
+        if isinstance(request, p.StatusRequest):
+            return p.StatusReply(status=self.status())
+        return p.ErrorReply(error=f"unsupported request {request.kind!r}")
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -535,15 +397,12 @@ class Broker:
         w = self.pool.workers.get(worker)
         if w is None or not w.connected:
             return                                   # it gets its assignment when it says hello
-        try:
-            self.workers.send_multipart([worker.encode(), p.encode(msg)], zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("%s is not reading its socket; %s dropped", worker, msg.kind)
+        self.sockets.send(worker, msg)
 
     def emit(self, type_: str, **fields) -> None:
         if type_.startswith("visor."):
             fields = {"pid": os.getpid(), "home": str(self.home.root), **fields}
-        self.events.emit(type_, **fields)
+        self.sockets.events.emit(type_, **fields)
 
     def _load_current(self) -> RunConfig:
         rc, warnings = load_run_config(self.home.current / "run-config.toml")
@@ -552,46 +411,5 @@ class Broker:
         return rc
 
     def status(self) -> dict:
-        s = self.state
-        u = s.upgrade
-        return {
-            "visor": {"pid": os.getpid(), "version": __version__, "home": str(self.home.root),
-                      "state": s.phase.value},
-            "current": {"folder": s.folder, "name": self.run_config.name},
-            "binaries": {name: b.row() for name, b in self.binaries.items()},
-            "workers": {w.name: {"pid": w.pid, "restarts": w.restarts, "alive": w.alive}
-                        for w in self.pool.workers.values() if not w.retired},
-            "upgrade": {
-                "accepted": {"tag": s.accepted[0], "height": s.accepted[1]} if s.accepted else None,
-                "last": dict(s.last_upgrade) if s.last_upgrade else None,
-                "target": {"tag": u.tag, "height": u.height, "folder": u.folder, "step": u.step.value}
-                if u else None,
-                "blocked": s.blocked_reason or None,
-            },
-            "restarts": {"count": s.restarts, "max": self.cfg.max_restarts},
-            "reason": s.reason or None,
-        }
-
-
-def _remove_stale(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        try:
-            os.unlink(endpoint[len("ipc://"):])
-        except FileNotFoundError:
-            pass
-
-
-def _become_subreaper() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        log.warning("cannot become a child subreaper: a binary whose runner dies will not be reaped")
-
-
-def _kill_group(pid: int) -> None:
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, signal.SIGKILL)
-            return
-        except (ProcessLookupError, PermissionError):
-            continue
+        return report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
+                             str(self.home.root), os.getpid())

@@ -9,8 +9,9 @@ that does not exist, a `current` link that is dangling or leads to a folder with
 Warnings (printed, exit 0) are what Visor copes with on its own: unknown keys (ignored); a binary
 without its execute bits (the runner sets a+x before starting it, as the Go visor does); an
 upgradeFolders target that does not exist yet (an operator may drop it in, or auto-install fetch it,
-before its upgrade height). Folders whose names start with "." are Visor's own (runtime, half-done
-downloads) and are not checked.
+before its upgrade height); anything wrong in `visor init`'s example folder vX.X.X, which nothing
+runs until it is renamed after a release tag. Folders whose names start with "." are Visor's own
+(runtime, half-done downloads) and are not checked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from visor.errors import ConfigError, HomeError
 from visor.home import Home
 
 RUN_CONFIG = "run-config.toml"
+EXAMPLE = "vX.X.X"               # the example release folder `visor init` writes, as the Go visor does
 
 
 class Findings(NamedTuple):
@@ -44,6 +46,12 @@ def check_home_findings(home: Home) -> Findings:
     found = Findings([], [])
     cfg = check_visor_config(home.config, found)
     for run_config in run_configs(home):
+        if run_config.parent.name == EXAMPLE:
+            example = Findings([], found.warnings)   # never blocks: nothing runs it until renamed
+            check_run_config(run_config, example)
+            found.warnings.extend(f"{line} (this is `visor init`'s example folder: rename it after a release "
+                                  "tag or remove it)" for line in example.problems)
+            continue
         check_run_config(run_config, found)
     check_current(home, found)
     if cfg is not None:

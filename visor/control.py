@@ -52,7 +52,7 @@ def render_status(s: dict) -> str:
         lines.append(f"accepted  {up['accepted']['tag']} at height {up['accepted']['height']}")
     if up.get("last"):
         last = up["last"]
-        lines.append(f"upgraded   to {last['tag']} at height {last['height']}, down {last['downtime_ms']} ms")
+        lines.append(f"upgraded  to {last['tag']} at height {last['height']}, downtime {last['downtime_ms']} ms")
     lines += ["", f"{'BINARY':<11}{'PID':>8}  {'UP':>9}  COMMAND"]
     now = time.time()
     for name, b in s["binaries"].items():

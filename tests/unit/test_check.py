@@ -38,10 +38,12 @@ def test_a_good_home_has_no_problems_and_no_warnings(good):
     assert "no problems found" in done.stdout
 
 
-def test_the_example_folder_of_init_is_reported(home):
-    problems = findings(home).problems
-    assert f"{home.root}/vX.X.X/run-config.toml: vega.binary.path {home.root}/vX.X.X/vega: not found" in problems
-    assert any("socketPath /path/to/vega/home/admin.sock" in p and "does not exist" in p for p in problems)
+def test_the_example_folder_of_init_is_reported_but_never_fails_the_check(home):
+    found = findings(home)
+    assert not [p for p in found.problems if "vX.X.X" in p]
+    missing = f"{home.root}/vX.X.X/run-config.toml: vega.binary.path {home.root}/vX.X.X/vega: not found"
+    assert any(w.startswith(missing) and "example folder" in w for w in found.warnings)
+    assert any("socketPath /path/to/vega/home/admin.sock" in w and "does not exist" in w for w in found.warnings)
 
 
 def test_bad_toml_names_the_file_and_the_line(good):

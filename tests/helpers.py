@@ -162,12 +162,19 @@ class Daemon:
         return json.loads(done.stdout)
 
     def wait_running(self, timeout_s: float = 10.0) -> dict:
+        """Status once Visor says running and the fake node has logged its own start (it logs ~20 ms
+        after exec, and only then has its signal handlers): a test may signal or kill it right away."""
         def running():
             done = run_cli("status", "--home", self.home.root, "--json")
             if done.returncode == 0 and json.loads(done.stdout)["visor"]["state"] == "running":
                 return json.loads(done.stdout)
             return None
-        return wait_until(running, what="state running", timeout_s=timeout_s)
+        status = wait_until(running, what="state running", timeout_s=timeout_s)
+        if str(self.home.log) in status["binaries"]["vega"]["args"]:
+            pid = status["binaries"]["vega"]["pid"]
+            wait_until(lambda: pid in [e["pid"] for e in self.home.node_events("started")],
+                       what=f"the node (pid {pid}) to log its start", timeout_s=timeout_s)
+        return status
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)

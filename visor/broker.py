@@ -206,8 +206,8 @@ class Broker:
                 self._assign("fetcher", p.Prepare(
                     tag=tag, folder=str(self.home.root / folder), fetch=fetch,
                     current_run_config=str(self.run_config.folder / "run-config.toml"), settings=self.cfg.fields()))
-            case st.Prefetch(tag=tag, folder=folder) if not (self.home.root / folder).exists():
-                self._execute(st.Prepare(tag, folder, fetch=True))
+            case st.Prefetch(tag=tag, folder=folder) if self.cfg.auto_install or (self.home.root / folder).exists():
+                self._execute(st.Prepare(tag, folder, fetch=self.cfg.auto_install))
             case st.QuerySegment():
                 dn = self.run_config.data_node
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))
@@ -371,6 +371,7 @@ class Broker:
                            metrics_listen=self.cfg.metrics_listen)
         if "logLevel" in changed or "logFormat" in changed:
             setup_logging(new.log_format, new.log_level)
+            self.pool.log_level = new.log_level      # workers started from now on
         pending = [key for key in new.changed_keys(self.cfg) if key in RESTART_ONLY]
         if "upgradeStatusIntervalMilliseconds" in changed:
             self._watch()

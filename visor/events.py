@@ -57,8 +57,10 @@ class Publisher:
             raise ValueError(f"{type_} is missing {sorted(missing)}")    # our bug; tests catch it
         self._seq += 1
         body = {"v": 1, "type": type_, "ts": time.time(), "seq": self._seq, **fields}
+        # JSON log lines (logFormat = "json") carry the event as data too, seq included
         log.log(logging.DEBUG if type_ in QUIET else logging.INFO, "%s %s", type_,
-                " ".join(f"{k}={v}" for k, v in fields.items()))
+                " ".join(f"{k}={v}" for k, v in fields.items()),
+                extra={"event": type_, "seq": self._seq, "fields": fields})
         try:
             self._pub.send_multipart([type_.encode("ascii"), msgpack.packb(body)], zmq.NOBLOCK)
         except zmq.Again:

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 class Notifier:
     def __init__(self, env: dict[str, str] | None = None):
-        env = os.environ if env is None else env
+        if env is None:          # systemd hears from the broker only, never from a node binary
+            env = {key: os.environ.pop(key) for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+                   if key in os.environ}
         address = env.get("NOTIFY_SOCKET", "")
         self._address = "\0" + address[1:] if address.startswith("@") else address   # abstract namespace
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if address else None

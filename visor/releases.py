@@ -55,6 +55,20 @@ def check_folder(folder: Path, tag: str) -> str:
     return "" if version == tag else f"version mismatch: {rc.vega.path} reports {version}, want {tag}"
 
 
+def fingerprint(folder: Path) -> tuple:
+    """What a verification depended on: the folder (its inode: not replaced by another), its run-config
+    and its binaries (inode, size, modification time: not replaced or edited)."""
+    def seen(path: Path) -> tuple:
+        st = os.stat(path)
+        return path, st.st_ino, st.st_size, st.st_mtime_ns
+    try:
+        rc, _warnings = load_run_config(folder / "run-config.toml")
+        return (folder.stat().st_ino, seen(folder / "run-config.toml"),
+                *(seen(b.path) for b in rc.binaries().values()))
+    except (ConfigError, OSError):
+        return ()
+
+
 def ensure_folder(folder: Path, tag: str, current_run_config: Path, source: Source | None,
                   report: Report) -> None:
     """Makes `folder` ready for `tag`: verifies it when it exists, else fetches it (source None: may not)."""

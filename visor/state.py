@@ -115,7 +115,7 @@ class Prepare:                   # ask the fetcher to make the folder ready (and
 
 
 @dataclass(frozen=True)
-class Prefetch:                  # like Prepare, but only if the folder is missing, and nothing waits on it
+class Prefetch:                  # like Prepare, ahead of the upgrade height; nothing waits on it
     tag: str
     folder: str
 
@@ -190,7 +190,7 @@ def step(s: State, fact: Any, cfg: VisorConfig, now: float) -> Result:
             return replace(s, prefetch_failures=s.prefetch_failures + 1), [Schedule("prefetch", delay)]
         case Timer(name="retry-upgrade") if s.phase is Phase.BLOCKED and s.upgrade:
             return s, [Prepare(s.upgrade.tag, s.upgrade.folder, cfg.auto_install)]
-        case Timer(name="prefetch") if s.accepted and not s.upgrade and cfg.auto_install:
+        case Timer(name="prefetch") if s.accepted and not s.upgrade:
             tag = s.accepted[0]
             return s, [Prefetch(tag, folder_name(tag, cfg))]
         case Timer(name="stop") if s.upgrade and s.upgrade.step is Step.WAITING:
@@ -299,7 +299,7 @@ def _on_status(s: State, fact: p.UpgradeStatus, cfg: VisorConfig) -> Result:
     if fact.tag and s.accepted != (fact.tag, fact.height):
         s = replace(s, accepted=(fact.tag, fact.height), prefetch_failures=0)
         actions.append(Emit.of("upgrade.accepted", tag=fact.tag, height=fact.height))
-        if cfg.auto_install and not fact.ready:
+        if not fact.ready:       # fetch it (auto-install) or verify it now, long before the height
             actions.append(Prefetch(fact.tag, folder_name(fact.tag, cfg)))
     target = folder_name(fact.tag, cfg) if fact.tag else ""
     if fact.ready and target and target != s.folder and s.phase is Phase.RUNNING and not s.upgrade:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.fakes import read_log
 from tests.helpers import VISOR, run_cli, wait_until
+from visor.events import EVENTS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,6 +68,7 @@ def test_a_node_ignoring_sigterm_is_killed_after_the_timeout(home, daemon, event
     home.set_config(stopSignalTimeoutSeconds=1)
     daemon.start()
     daemon.wait_running()
+    home.wait_started(1)                              # its SIGTERM handler is in place
     daemon.signal()
     assert daemon.wait_exit(20) == 0
     assert events.wait_for("binary.exited", name="vega")["exitcode"] == -9
@@ -102,13 +104,13 @@ def test_the_data_node_and_core_node_are_restarted_together(home, daemon, events
     daemon.start()
     status = daemon.wait_running()
     assert set(status["binaries"]) == {"vega", "data_node"} and "runner:data_node" in status["workers"]
+    wait_until(lambda: read_log(home.root / "dn.log"), what="the data node to log its start")
     os.kill(status["binaries"]["data_node"]["pid"], signal.SIGKILL)
     events.wait_for("binary.exited", name="vega", pid=status["binaries"]["vega"]["pid"])
     wait_until(lambda: len(home.node_events("started")) == 2, what="vega started again")
-    dn_log = [e for e in read_log(home.root / "dn.log") if e["event"] == "started"]
-    wait_until(lambda: len([e for e in read_log(home.root / "dn.log") if e["event"] == "started"]) == 2,
-               what="the data node started again")
-    assert dn_log[0]["mode"] == "datanode"
+    dn_starts = wait_until(lambda: len(s := [e for e in read_log(home.root / "dn.log") if e["event"] == "started"])
+                           == 2 and s, what="the data node started again")
+    assert dn_starts[1]["mode"] == "datanode"
 
 
 @pytest.mark.parametrize("worker", ["upgrade-watcher", "config-watcher", "fetcher"])
@@ -151,7 +153,7 @@ def test_visor_events_prints_one_line_per_event_and_exits_zero_on_sigint(home, d
             if select.select([follower.stdout], [], [], 0.5)[0]:
                 break
         line = json.loads(follower.stdout.readline())
-        assert line["v"] == 1 and line["type"].startswith(("visor.", "worker.")) and isinstance(line["seq"], int)
+        assert line["v"] == 1 and line["type"] in EVENTS and isinstance(line["seq"], int)
         follower.send_signal(signal.SIGINT)
         assert follower.wait(5) == 0
     finally:

@@ -258,16 +258,28 @@ def test_prepare_verifies_an_existing_folder_without_the_network(home):
     home.stage(TAG, TAG)
     cmd = protocol.Prepare(tag=TAG, folder=str(home.root / TAG), fetch=True, settings=VisorConfig(
         api_url="http://127.0.0.1:9").fields(), current_run_config=str(home.root / "genesis/run-config.toml"))
-    assert prepare(cmd, lambda _m: None) == protocol.FolderReady(tag=TAG, folder=cmd.folder)
+    assert prepare(cmd, lambda _m: None, {}) == protocol.FolderReady(tag=TAG, folder=cmd.folder)
     install_fake_vega(home.root / TAG, "v0.72.9")
-    blocked = prepare(cmd, lambda _m: None)
+    blocked = prepare(cmd, lambda _m: None, {})
     assert blocked.reason == f"version mismatch: {home.root / TAG / 'vega'} reports v0.72.9, want {TAG}"
+
+
+def test_a_folder_verified_at_acceptance_is_not_run_again_at_the_upgrade_unless_it_changed(home):
+    home.stage(TAG, TAG)
+    cmd = protocol.Prepare(tag=TAG, folder=str(home.root / TAG), fetch=False,
+                           current_run_config=str(home.root / "genesis/run-config.toml"))
+    verified: dict = {}
+    assert isinstance(prepare(cmd, lambda _m: None, verified), protocol.FolderReady)
+    (home.root / TAG / "VERSION_FAIL").write_text("")          # `vega version` would now fail...
+    assert isinstance(prepare(cmd, lambda _m: None, verified), protocol.FolderReady)   # ...but is not run
+    install_fake_vega(home.root / TAG, TAG)                       # the binary is replaced: run it again
+    assert "exit code 3" in prepare(cmd, lambda _m: None, verified).reason
 
 
 def test_prepare_without_fetch_blocks_on_a_missing_folder(home):
     folder = str(home.root / TAG)
     cmd = protocol.Prepare(tag=TAG, folder=folder, fetch=False, current_run_config=str(home.root / "genesis"))
-    assert prepare(cmd, lambda _m: None).reason == f"folder {folder} is missing and auto-install is off"
+    assert prepare(cmd, lambda _m: None, {}).reason == f"folder {folder} is missing and auto-install is off"
 
 
 def test_visor_fetch_twice_second_is_a_no_op(home, server):

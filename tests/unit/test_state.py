@@ -109,6 +109,11 @@ def test_accepted_release_is_announced_once_and_prefetched():
     assert actions.count(Prefetch("v2", "v2")) == 1
 
 
+def test_an_accepted_release_is_verified_early_even_without_auto_install():
+    _, actions = run([p.UpgradeStatus("v2", 120, False)], up(), replace(CFG, auto_install=False))
+    assert Prefetch("v2", "v2") in actions
+
+
 def test_ready_prepares_the_folder_before_stopping_anything():
     s, actions = run([p.UpgradeStatus("v2", 120, True)], up())
     assert s.phase is Phase.UPGRADING and s.upgrade.step is Step.PREPARING

@@ -73,7 +73,7 @@ def switch_current(home: Home, folder: str) -> None:
         os.unlink(tmp)
     os.symlink(folder, tmp)                 # relative, so the home can be moved or mounted elsewhere
     os.replace(tmp, home.current)
-    _fsync_dir(home.root)
+    fsync_dir(home.root)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -85,10 +85,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename or a new entry in `folder` durable: the entry lives in the folder's own data."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

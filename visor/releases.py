@@ -28,6 +28,7 @@ from visor.archive import extract, safe_path
 from visor.config import load_run_config, load_visor_config, read_toml
 from visor.errors import ConfigError, FetchError, NodeError, VisorError
 from visor.github import Client, Report, Source
+from visor.home import fsync_dir
 from visor.nodeapi import binary_version
 
 __all__ = ["Source", "check_folder", "derive_run_config", "ensure_folder", "fetch_command"]
@@ -151,7 +152,7 @@ class _Partial:
                 raise FetchError(f"{self.target} appeared meanwhile: {problem}")
             return
         os.rename(self.folder, self.target)  # one step: before it no folder, after it a verified one
-        _fsync_dir(self.target.parent)
+        fsync_dir(self.target.parent)
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -179,14 +180,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _asset(release: dict, name: str, tag: str) -> dict:

@@ -52,6 +52,7 @@ class Broker:
         self.facts: list = []
         self.exit: tuple[int, str] | None = None
         self._pending_upgrade: dict | None = None
+        self._memory_dirty = False
         self.notifier = Notifier()
         self._ready_sent = False
 
@@ -144,6 +145,9 @@ class Broker:
                     self._on_timer(name)
             for w in self.pool.due(now):
                 self._spawn(w.name)
+            if self._memory_dirty:                   # after this turn's restarts, not before them
+                self._drain_facts()
+                self._write_memory()
             if now >= next_hung_check:
                 self.pool.kill_hung(now)
                 next_hung_check = now + 5
@@ -174,7 +178,7 @@ class Broker:
             pending = None
         if pending != self._pending_upgrade:
             self._pending_upgrade = pending
-            self._write_memory()
+            self._write_memory(durable=True)     # before the first stop is sent: it must survive a crash
 
     def _tell_systemd(self) -> None:
         text = report.systemd_status(self.state, self.cfg)
@@ -186,8 +190,12 @@ class Broker:
         else:
             self.notifier.status(text)
 
-    def _write_memory(self) -> None:
-        write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade})
+    def _write_memory(self, durable: bool = False) -> None:
+        """state.json: the upgrade in flight (durable) and the binaries' pids, which only serve to end
+        leftovers after a crash, so they are written off the restart path and without fsync."""
+        self._memory_dirty = False
+        write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade},
+                     durable=durable)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -271,7 +279,7 @@ class Broker:
                 self.assignments.pop(name, None)
                 self.binaries.started(msg, runner_pid=worker.pid)
                 self.feed(msg)
-                self._write_memory()
+                self._memory_dirty = True
             case p.BinaryExited():
                 self._forget_binary(msg)
             case p.StartFailed() | p.Segment():
@@ -318,7 +326,7 @@ class Broker:
         if not self.binaries:
             self.timers.pop("stop-watchdog", None)
         self.feed(msg)
-        self._write_memory()
+        self._memory_dirty = True
 
     def _on_worker_exit(self, worker, now: float) -> None:
         pid = worker.pid

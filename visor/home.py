@@ -76,16 +76,19 @@ def switch_current(home: Home, folder: str) -> None:
     fsync_dir(home.root)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Readers see the old file or the new one, whole. durable: also on disk before returning."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -105,8 +108,8 @@ def read_memory(home: Home) -> dict:
         return {}
 
 
-def write_memory(home: Home, memory: dict) -> None:
-    write_atomic(home.memory, json.dumps(memory, sort_keys=True).encode(), mode=0o600)
+def write_memory(home: Home, memory: dict, durable: bool = True) -> None:
+    write_atomic(home.memory, json.dumps(memory, sort_keys=True).encode(), mode=0o600, durable=durable)
 
 
 # --- visor init ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ one silent past HUNG_AFTER_S is killed and, like any worker that dies, restarted
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -84,6 +85,7 @@ class Pool:
         module = MODULES[name.partition(":")[0]]
         argv = ["--endpoint", self.endpoint, "--name", name, "--home", self.home, "--log-level", self.log_level,
                 "--broker-pid", str(os.getpid())]
+        gc.freeze()                              # the collector must not touch (copy) the shared pages
         pid = os.fork()
         if pid == 0:                             # the child: never returns into the broker's code
             code = 1

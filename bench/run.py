@@ -27,13 +27,16 @@ VENV = BENCH / ".venv"
 NEEDS = ["supervisor", "circus", "pyzmq", "msgpack", "psutil", "requests", "tomli-w", "inotify_simple", "tqdm"]
 TESTS = ("launch", "restart", "output", "idle", "upgrade")
 
-# per run mode: rounds; launches per contender per round; restarts counted per run and its time limit;
-# MiB written per output run; idle window; upgrades; the upgrade-status interval used for them
+# per run mode: rounds; warm-up run of each contender; launches per contender per round; restarts
+# counted per run and its time limit (crash at once, crash at a random time); MiB written per output
+# pass, passes per launch and the time they may take; idle window; upgrades and their status interval
 PLANS = {
-    "default": dict(rounds=3, launches=2, restarts=100, restart_limit_s=5.0, random_restarts=60,
-                    random_limit_s=6.0, mib=512, passes=2, idle_s=30.0, upgrades=10, interval_ms=1000),
-    "quick": dict(rounds=1, launches=2, restarts=50, restart_limit_s=4.0, random_restarts=30,
-                  random_limit_s=5.0, mib=512, passes=2, idle_s=10.0, upgrades=4, interval_ms=1000),
+    "default": dict(rounds=3, warmup_s=3.0, launches=2, restarts=100, restart_limit_s=4.0, random_restarts=60,
+                    random_limit_s=5.0, mib=512, passes=3, output_limit_s=17.0, idle_s=30.0, upgrades=10,
+                    interval_ms=1000),
+    "quick": dict(rounds=1, warmup_s=1.0, launches=2, restarts=50, restart_limit_s=3.0, random_restarts=30,
+                  random_limit_s=4.0, mib=512, passes=2, output_limit_s=10.0, idle_s=10.0, upgrades=4,
+                  interval_ms=1000),
 }
 
 
@@ -65,7 +68,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     ensure_venv()
     opts = parse(argv)
-    root = Path(opts.visor_root).resolve()
+    checkout = Path(opts.visor_root).resolve()
+    base = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))     # short: ipc paths stay < 100 bytes
+    root = snapshot(checkout, base / "src")  # the code measured stays the same while others edit theirs
     sys.path.insert(0, str(root))            # visor and tests.* of the checkout being measured
     sys.path.insert(0, str(BENCH))
     import contenders as cs
@@ -78,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     names = opts.contenders.split(",")
     pool = [cs.ALL[n](py, root) for n in names]
-    base = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))     # short: ipc paths stay < 100 bytes
-    info = {**report.machine(), "visor_root": str(root), "commit": _commit(root), "plan": plan,
+    info = {**report.machine(), "visor_root": str(checkout), "commit": _commit(checkout), "plan": plan,
             "mode": "quick" if opts.quick else "default", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"machine: {info['nproc']} cores, {info['cpu']}, kernel {info['kernel']}, Python {info['python']}, "
-          f"load {info['load_1m_at_start']}\nvisor: {root} @ {info['commit'][:12]}   plan: {plan}", flush=True)
+          f"load {info['load_1m_at_start']}\nvisor: {checkout} @ {info['commit']}, copied to {root}\nplan: {plan}", flush=True)
     samples: dict[str, dict[str, list[float]]] = {}
     configs: dict[str, str] = {}
     up: dict = {}
@@ -96,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         configs.setdefault(f"{c.name} ({test})", c.config.replace(str(base), "$WORK").replace(py, "$PY"))
 
     try:
-        print("warm-up: one uncounted launch of each contender (bytecode and page caches)", flush=True)
+        print(f"warm-up: each contender runs {plan['warmup_s']:g} s, uncounted (bytecode and page caches)",
+              flush=True)
         for c in pool:
-            measure.launch(c, base / f"warmup-{c.name}", py)
+            measure.launch(c, base / f"warmup-{c.name}", py, linger_s=plan["warmup_s"])
         for r in range(plan["rounds"]):
             order = pool[r % len(pool):] + pool[:r % len(pool)]
             print(f"round {r + 1}/{plan['rounds']}: order {[c.name for c in order]}", flush=True)
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  restart {c.name:12} life 0..{life_ms:<4} ms {len(gaps):4} restarts, median "
                           f"{report.median(gaps):.1f} ms", flush=True)
             for c in order if "output" in only else ():
-                rates, stdout_is = measure.output(c, base / f"output-{c.name}-{r}", py, plan["mib"], plan["passes"])
+                rates, stdout_is = measure.output(c, base / f"output-{c.name}-{r}", py, plan["mib"], plan["passes"],
+                                                  plan["output_limit_s"])
                 keep_config("output", c)
                 for mbps in rates:
                     add("output_mbps", c.name, mbps)
@@ -162,11 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def snapshot(checkout: Path, dest: Path) -> Path:
+    """Copies what runs (bin, visor, workers, and tests for the fakes and helpers) out of the checkout."""
+    for part in ("bin", "visor", "workers", "tests"):
+        shutil.copytree(checkout / part, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def _commit(root: Path) -> str:
     done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "visor", "workers"],
                            capture_output=True, text=True).stdout.strip()
-    return (done.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    return (done.stdout.strip()[:12] or "unknown") + (" with uncommitted changes" if dirty else "")
 
 
 def _save(info, samples, up, configs, text) -> None:

@@ -19,7 +19,7 @@ import zmq
 
 from visor import protocol
 
-HEARTBEAT_S = 2.0                # a worker silent for this long says it is alive
+HEARTBEAT_S = 5.0                # a worker silent this long says it is alive (hung: 60 s, see pool.py)
 
 
 class BrokerGone(Exception):

@@ -1,5 +1,7 @@
 """The broker's table of running node binaries, and what the broker does to them directly.
 
+psutil is imported where it is used: most starts never need it before the first binary runs.
+
 Runners start and stop binaries; this table records what they reported, so the broker can give a
 binary to a new runner when its runner dies, reap it as a child subreaper, notice one that vanished
 with nobody left to report it, kill one that outlives its stop, and, at start-up, end binaries a
@@ -13,8 +15,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-
-import psutil
 
 from visor import protocol as p
 
@@ -49,6 +49,7 @@ class Binaries(dict[str, Binary]):
 
     def reap_orphans(self, worker_pids: set[int]) -> list[p.BinaryExited]:
         """Binaries whose runner died are our children now (subreaper): reap the ones that ended."""
+        import psutil
         exits = []
         for b in list(self.values()):
             try:
@@ -67,6 +68,7 @@ class Binaries(dict[str, Binary]):
 
     def vanished(self, live_runner_pids: set[int]) -> list[p.BinaryExited]:
         """Binaries gone with no runner left to report them (their exit code is lost)."""
+        import psutil
         exits = []
         for b in self.values():
             if b.runner_pid not in live_runner_pids and not psutil.pid_exists(b.pid):
@@ -76,6 +78,7 @@ class Binaries(dict[str, Binary]):
 
     def kill_stopped(self) -> None:
         """SIGKILL for every binary told to stop that is still up (its runner did not finish the job)."""
+        import psutil
         for b in self.values():
             if b.stop_sent and psutil.pid_exists(b.pid):
                 log.warning("%s (pid %d) still up after stop: killing it", b.name, b.pid)
@@ -88,6 +91,7 @@ class Binaries(dict[str, Binary]):
 
     def memory(self) -> dict:
         """For state.json: pid and start time, so a later start can tell the process is still the same."""
+        import psutil
         remembered = {}
         for b in self.values():
             try:
@@ -99,6 +103,9 @@ class Binaries(dict[str, Binary]):
 
 def end_leftovers(remembered: dict, timeout_s: float) -> None:
     """Binaries a killed broker left running are stopped before ours start: never two copies."""
+    if not remembered:
+        return
+    import psutil
     procs = []
     for name, seen in remembered.items():
         try:

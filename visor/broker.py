@@ -31,6 +31,7 @@ from visor.state import Phase
 
 log = logging.getLogger("visor")          # workers log under their own names
 STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
+SPAWN_WORKERS_AFTER_S = 1.0      # the watchers start with the first binary, or after this at the latest
 
 
 class Broker:
@@ -67,19 +68,13 @@ class Broker:
                                self.home.events_endpoint(self.cfg))
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
-        for name in ("upgrade-watcher", "config-watcher", "fetcher"):
-            self._spawn(name)
-        if self.cfg.metrics_listen:
-            self._spawn("metrics")
-            self._assign("metrics", p.ServeMetrics(listen=self.cfg.metrics_listen,
-                                                   events_endpoint=self.home.events_endpoint(self.cfg),
-                                                   control_endpoint=self.home.endpoint("control")))
         folder = self.home.current_folder().name
         pending = memory.get("pending") or {}
         if pending.get("folder") == folder:          # killed after the switch, before the node came up
             self._pending_upgrade = pending
             log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
         self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height")))
+        self.timers["spawn-workers"] = time.monotonic() + SPAWN_WORKERS_AFTER_S
         try:
             self._loop()
         finally:
@@ -279,6 +274,7 @@ class Broker:
                 self.assignments.pop(name, None)
                 self.binaries.started(msg, runner_pid=worker.pid)
                 self.feed(msg)
+                self._spawn_workers()
                 self._memory_dirty = True
             case p.BinaryExited():
                 self._forget_binary(msg)
@@ -354,7 +350,24 @@ class Broker:
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.feed(st.StopRequested(signal.Signals(signum).name))
 
+    def _spawn_workers(self) -> None:
+        """The workers besides the runners. They start once the node has, so that on a small machine
+        they do not compete with the runner for the CPU while the node is being started."""
+        if self.timers.pop("spawn-workers", None) is None:
+            return                                   # already done
+        for name in ("upgrade-watcher", "config-watcher", "fetcher"):
+            self._spawn(name)
+        if self.cfg.metrics_listen:
+            self._spawn("metrics")
+            self._assign("metrics", p.ServeMetrics(listen=self.cfg.metrics_listen,
+                                                   events_endpoint=self.home.events_endpoint(self.cfg),
+                                                   control_endpoint=self.home.endpoint("control")))
+
     def _on_timer(self, name: str) -> None:
+        if name == "spawn-workers":
+            self.timers[name] = 0                    # _spawn_workers pops it
+            self._spawn_workers()
+            return
         if name == "stop-watchdog":
             self.binaries.kill_stopped()
             self._account_for_binaries()

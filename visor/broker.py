@@ -100,7 +100,8 @@ class Broker:
         for name in list(self.pool.workers):
             self._send(name, p.Shutdown())
         self.pool.shutdown()
-        write_memory(self.home, {"binaries": {}, "pending": self._pending_upgrade})
+        self.binaries.clear()
+        self._write_memory(durable=True)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -189,8 +190,12 @@ class Broker:
         """state.json: the upgrade in flight (durable) and the binaries' pids, which only serve to end
         leftovers after a crash, so they are written off the restart path and without fsync."""
         self._memory_dirty = False
-        write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade},
-                     durable=durable)
+        try:
+            write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade},
+                         durable=durable)
+        except OSError as err:       # a full disk must not end Visor: the node matters more than the file
+            log.error("cannot write %s: %s; a crash now would lose what it records", self.home.memory,
+                      err.strerror or err)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -256,12 +261,14 @@ class Broker:
     # --- what comes in ------------------------------------------------------------------------
 
     def _on_worker_frames(self) -> None:
-        for name, msg in self.sockets.reports():
-            if (worker := self.pool.workers.get(name)) is None:
-                log.warning("dropped %s from unknown worker %r", msg.kind, name)
+        for identity, msg in self.sockets.reports():
+            worker = self.pool.by_identity(identity)
+            if worker is None or not _may_send(worker.name, msg):
+                log.warning("dropped %s from %r: not a report that worker sends", msg.kind,
+                            identity.partition("#")[0])
                 continue
             worker.last_seen = time.monotonic()
-            self._on_report(name, worker, msg)
+            self._on_report(worker.name, worker, msg)
 
     def _on_report(self, name: str, worker, msg) -> None:
         match msg:
@@ -419,7 +426,7 @@ class Broker:
         w = self.pool.workers.get(worker)
         if w is None or not w.connected:
             return                                   # it gets its assignment when it says hello
-        self.sockets.send(worker, msg)
+        self.sockets.send(w.identity, msg)
 
     def emit(self, type_: str, **fields) -> None:
         if type_.startswith("visor."):
@@ -435,3 +442,21 @@ class Broker:
     def status(self) -> dict:
         return report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
                              str(self.home.root), os.getpid())
+
+
+REPORTS = {          # what each kind of worker may tell the broker, besides Hello and Heartbeat
+    "runner": (p.BinaryStarted, p.BinaryExited, p.StartFailed, p.Segment),
+    "upgrade-watcher": (p.UpgradeStatus, p.RpcFailed),
+    "fetcher": (p.FolderReady, p.FolderBlocked, p.FetchStarted, p.FetchProgress, p.FetchCompleted, p.FetchFailed),
+    "config-watcher": (p.ConfigLoaded, p.ConfigRejected),
+    "metrics": (),
+}
+
+
+def _may_send(worker: str, msg: p.Message) -> bool:
+    kind, _, binary = worker.partition(":")
+    if isinstance(msg, (p.Hello, p.Heartbeat)):
+        return msg.name == worker if isinstance(msg, p.Hello) else True
+    if not isinstance(msg, REPORTS.get(kind, ())):
+        return False
+    return getattr(msg, "name", binary) == binary     # a runner speaks only of its own binary

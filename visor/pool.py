@@ -15,6 +15,7 @@ import gc
 import importlib
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ def _run_worker(module: str, argv: list[str]) -> int:
 class Worker:
     name: str
     pid: int | None = None
+    identity: str = ""           # its socket identity: the name and a secret new at every spawn
     pidfd: int = -1              # readable once the worker has exited
     exitcode: int | None = None
     restarts: int = 0
@@ -83,8 +85,9 @@ class Pool:
         if w.pid is not None and not w.retired:
             w.restarts += 1
         module = MODULES[name.partition(":")[0]]
+        w.identity = f"{name}#{secrets.token_hex(8)}"   # lives in the forked child's memory only
         argv = ["--endpoint", self.endpoint, "--name", name, "--home", self.home, "--log-level", self.log_level,
-                "--broker-pid", str(os.getpid())]
+                "--broker-pid", str(os.getpid()), "--identity", w.identity]
         gc.freeze()                              # the collector must not touch (copy) the shared pages
         pid = os.fork()
         if pid == 0:                             # the child: never returns into the broker's code
@@ -97,6 +100,10 @@ class Pool:
         w.connected, w.retired, w.restart_at = False, False, None
         w.started_at = w.last_seen = time.monotonic()
         return w
+
+    def by_identity(self, identity: str) -> Worker | None:
+        w = self.workers.get(identity.partition("#")[0])
+        return w if w is not None and w.alive and w.identity == identity else None
 
     def sentinels(self) -> dict[int, Worker]:
         return {w.pidfd: w for w in self.workers.values() if w.alive}

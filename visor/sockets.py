@@ -36,8 +36,6 @@ class Sockets:
     def __init__(self, worker_endpoint: str, control_endpoint: str, events_endpoint: str):
         self.ctx = zmq.Context()
         self.workers = self._bind(zmq.ROUTER, worker_endpoint)
-        # a restarted worker comes back under its old name while its dead connection may linger
-        self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.control = self._bind(zmq.ROUTER, control_endpoint)
         remove_stale(events_endpoint)
         self.events = Publisher(self.ctx, events_endpoint)
@@ -68,7 +66,7 @@ class Sockets:
             return b""
 
     def reports(self) -> Iterator[tuple[str, p.Message]]:
-        """(worker name, message) for each decodable frame waiting on the worker socket."""
+        """(sender's identity, message) for each decodable frame waiting on the worker socket."""
         for _ in range(BATCH):
             try:
                 ident, frame = self.workers.recv_multipart(zmq.NOBLOCK)

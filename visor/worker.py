@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import time
 
@@ -32,6 +33,7 @@ def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default=name)
     parser.add_argument("--home", default="")
     parser.add_argument("--broker-pid", type=int, default=0, help="leave when this process exits")
+    parser.add_argument("--identity", default="", help="socket identity (the name and a per-spawn secret)")
     parser.add_argument("--log-level", default="INFO")
     opts = parser.parse_args(argv)
     # a forked worker keeps the broker's handler (text or JSON); run alone, it gets a plain one
@@ -48,13 +50,15 @@ class Readable:
 
 
 class BrokerLink:
-    def __init__(self, endpoint: str, name: str, broker_pid: int = 0):
+    def __init__(self, endpoint: str, name: str, broker_pid: int = 0, identity: str = ""):
         self.name = name
         self._broker_pid = broker_pid or os.getppid()
         self._broker_fd = -1
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.IDENTITY, name.encode())
+        # the broker knows a worker by this identity, given at fork and never reused: a process that
+        # merely claims a worker's name is not heard
+        self._sock.setsockopt(zmq.IDENTITY, (identity or name).encode())
         self._sock.setsockopt(zmq.LINGER, 1000)     # let a last report leave before exit
         self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
         self._endpoint = endpoint
@@ -78,6 +82,10 @@ class BrokerLink:
         self._ctx.term()
 
     def send(self, msg) -> None:
+        """Sends a report; raises BrokerGone if the broker has exited (a worker busy with a long job,
+        a download say, reports as it goes and so learns it must leave)."""
+        if select.select([self._broker_fd], [], [], 0)[0]:
+            raise BrokerGone
         self._sock.send(protocol.encode(msg))
         self._last_sent = time.monotonic()
 

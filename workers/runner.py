@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     name = opts.name.partition(":")[2]
     binary: Binary | None = None
     stop_timeout_s = 15.0
-    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid) as link:
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity) as link:
         try:
             while True:
                 until = binary.kill_at if binary else float("inf")
@@ -100,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
                         if binary is not None:   # the broker stops binaries first; never leave one unwatched
                             stop_now(binary, stop_timeout_s)
                         return 0
-                    case protocol.StartBinary(path=path, args=args, stop_timeout_s=stop_timeout_s) \
-                            if binary is None:
+                    case protocol.StartBinary(path=path, args=args, stop_timeout_s=stop_timeout_s):
+                        if binary is not None and binary.popen is None and not binary.alive():
+                            binary.close()       # an adopted binary the broker reaped before we noticed
+                            binary = None
+                        if binary is not None:   # never two copies: the broker is told, and decides
+                            link.send(protocol.StartFailed(name=name, error=f"pid {binary.pid} still runs"))
+                            continue
                         binary, report = start(name, path, args)
                         link.send(report)
                     case protocol.AdoptBinary(pid=pid, stop_timeout_s=stop_timeout_s) if binary is None:

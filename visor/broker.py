@@ -291,6 +291,9 @@ class Broker:
             case p.FolderReady() | p.FolderBlocked():
                 if getattr(self.assignments.get(name), "tag", None) == msg.tag:
                     self.assignments.pop(name)
+                if isinstance(msg, p.FolderBlocked) and not self.state.upgrade:   # checked early, at acceptance
+                    log.warning("release %s is accepted but its folder is not ready yet (retrying): %s",
+                                msg.tag, msg.reason)
                 self.feed(msg)
             case p.UpgradeStatus() | p.RpcFailed():
                 self.feed(msg)

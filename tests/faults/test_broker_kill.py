@@ -107,8 +107,6 @@ def kill_during_download(home, daemon, events) -> dict[int, str]:
     return workers
 
 
-@pytest.mark.xfail(strict=True, reason="the fetcher does not watch the broker's pidfd while it downloads: "
-                                       "it runs on after a kill -9 of the broker until the download ends")
 def test_killed_while_the_fetcher_downloads_no_worker_runs_on(home, slow_release, daemon, events, census):
     slow_release.throttle_bytes_per_s = slow_release.throttle_bytes_per_s * 3 // 10     # about 10 s
     workers = kill_during_download(home, daemon, events)
@@ -124,19 +122,25 @@ def test_killed_while_the_fetcher_downloads_no_worker_runs_on(home, slow_release
     assert home.node_events()[-1]["event"] == "stopped"
 
 
+@pytest.mark.xfail(strict=True, reason="fetcher.prepare's catch-all turns BrokerGone into an ERROR with a "
+                                       "traceback ('preparing ... failed') when the broker dies mid-download")
+def test_killed_while_the_fetcher_downloads_it_leaves_without_a_traceback(home, slow_release, daemon, events):
+    kill_during_download(home, daemon, events)
+    wait_nothing_left(home, timeout_s=2)
+    assert "Traceback" not in daemon.stderr, daemon.stderr[daemon.stderr.find("Traceback") - 200:][:600]
+
+
 def test_killed_while_the_fetcher_downloads_a_new_run_completes_the_upgrade(home, slow_release, daemon, events,
                                                                              census):
-    kill_during_download(home, daemon, events)
-    # Until the fetcher leaves with its broker (see the xfail above), let the orphan finish quickly and
-    # wait for it, so that the new run is not raced by it.
-    slow_release.throttle_bytes_per_s = None
-    wait_nothing_left(home, timeout_s=10)
-    assert home.node_events()[-1]["event"] == "stopped"
-    assert home.current == "genesis" and not partials(home)
+    workers = kill_during_download(home, daemon, events)
+    assert home.current == "genesis"
     assert_current_valid(home)
-    daemon.start()
+    slow_release.throttle_bytes_per_s = None          # the new run's download is quick
+    daemon.start()                                    # at once, as systemd or an operator would
     events.wait_for("upgrade.completed", tag=TAG, timeout_s=20)
     assert home.current == TAG and not partials(home)
+    assert not [pid for pid in workers if psutil.pid_exists(pid) and
+                psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "a worker of the killed broker runs on"
     new = started_in(home, TAG)
     assert len(new) == 1 and new[0]["argv"][-2:] == [SNAPSHOT_FLAG, "120"]
     node_log_says_one_at_a_time(home)

@@ -93,8 +93,6 @@ def test_a_release_bigger_than_the_free_space_blocks_the_upgrade_and_stops_nothi
     assert "Traceback" not in daemon.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the broker dies on OSError(ENOSPC) writing .visor/state.json: "
-                                       "a full disk turns a node crash into the end of Visor")
 def test_a_node_crash_on_a_full_disk_is_still_restarted(home, daemon, events):
     home.set_config(maxNumberOfRestartConnectionRetries=100000)
     daemon.start()

@@ -197,9 +197,6 @@ def test_garbage_on_the_worker_socket_from_strangers(home, daemon, events, ctx, 
     flood.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the broker acts on any frame whose identity names a live worker "
-                                       "(ROUTER_HANDOVER gives the name to the newest connection) and on any "
-                                       "report kind from any worker: forged reports stop the node")
 def test_a_connection_claiming_a_workers_name_cannot_act_for_it(home, daemon, events, ctx, census):
     home.stage(TAG, TAG)
     daemon.start()

@@ -118,8 +118,6 @@ def holds_pidfd_of(holder: int, target: int) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="a runner that adopted a binary drops StartBinary if it has not yet "
-                                       "seen that binary's exit: the node is never started again")
 def test_an_adopting_runner_late_to_see_its_binary_end_still_starts_the_next_one(home, daemon, events, census):
     home.set_config(maxNumberOfRestartConnectionRetries=100000)   # keep the broker from giving up meanwhile
     daemon.start()
@@ -138,4 +136,4 @@ def test_an_adopting_runner_late_to_see_its_binary_end_still_starts_the_next_one
         assert wait_running(home)["binaries"]["vega"]["pid"] != node
     finally:
         if len(home.node_events("started")) < 2:
-            daemon.kill()                            # stuck: it would not stop either (see the report)
+            daemon.kill()                            # it used to hang here, and would not stop either

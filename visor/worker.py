@@ -23,8 +23,9 @@ from visor import protocol
 HEARTBEAT_S = 5.0                # a worker silent this long says it is alive (hung: 60 s, see pool.py)
 
 
-class BrokerGone(Exception):
-    """The broker process has exited: the worker must finish up and leave."""
+class BrokerGone(BaseException):
+    """The broker process has exited: the worker must finish up and leave. A BaseException, like
+    SystemExit: an order to leave, not an error, so a worker's `except Exception` never swallows it."""
 
 
 def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:

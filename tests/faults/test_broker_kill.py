@@ -122,8 +122,6 @@ def test_killed_while_the_fetcher_downloads_no_worker_runs_on(home, slow_release
     assert home.node_events()[-1]["event"] == "stopped"
 
 
-@pytest.mark.xfail(strict=True, reason="fetcher.prepare's catch-all turns BrokerGone into an ERROR with a "
-                                       "traceback ('preparing ... failed') when the broker dies mid-download")
 def test_killed_while_the_fetcher_downloads_it_leaves_without_a_traceback(home, slow_release, daemon, events):
     kill_during_download(home, daemon, events)
     wait_nothing_left(home, timeout_s=2)

@@ -138,6 +138,31 @@ class Events:
         self._ctx.term()
 
 
+STALLED = """
+import sys, time, zmq
+ctx = zmq.Context()
+for hwm in map(int, sys.argv[2:]):
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVBUF, 4096)         # a small kernel buffer: the pressure reaches the publisher
+    if hwm:
+        sub.setsockopt(zmq.RCVHWM, hwm)
+    sub.connect(sys.argv[1])
+print("connected", flush=True)
+time.sleep(3600)                             # never reads; killed by the test
+"""
+
+
+def stalled_subscribers(endpoint: str, *hwms: int) -> subprocess.Popen:
+    """Subscribers that never read (hwm 0: the default high-water mark), in a process of their own:
+    libzmq can abort a subscriber whose publisher leaves in the middle of a two-frame message
+    (zeromq/libzmq#3442), and that must not take the test runner with it."""
+    proc = subprocess.Popen([sys.executable, "-c", STALLED, endpoint, *map(str, hwms)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "connected"
+    return proc
+
+
 class Daemon:
     """`visor run` as an operator starts it, in its own session so teardown can end all of it."""
 

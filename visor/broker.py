@@ -208,8 +208,12 @@ class Broker:
             case st.StopBinaries():
                 self._stop_binaries()
             case st.SwitchCurrent(folder=folder):
-                switch_current(self.home, folder)
-                log.info("current -> %s", folder)
+                try:
+                    switch_current(self.home, folder)
+                    log.info("current -> %s", folder)
+                except OSError as err:           # the old node is down already: start the new one anyway
+                    log.error("cannot point %s at %s (%s); starting %s regardless", self.home.current, folder,
+                              err.strerror or err, folder)
             case st.Prepare(tag=tag, folder=folder, fetch=fetch):
                 self._assign("fetcher", p.Prepare(
                     tag=tag, folder=str(self.home.root / folder), fetch=fetch,
@@ -356,6 +360,13 @@ class Broker:
             if signum == signal.SIGCHLD:
                 for exit_ in self.binaries.reap_orphans({w.pid for w in self.pool.workers.values()}):
                     self._forget_binary(exit_)
+            elif signum in (signal.SIGTERM, signal.SIGINT) and self.state.phase is Phase.STOPPING:
+                # a second Ctrl-C: the operator will not wait for stopSignalTimeoutSeconds
+                log.warning("received %s again: killing the binaries now", signal.Signals(signum).name)
+                for b in self.binaries.values():
+                    b.stop_sent = True
+                self.binaries.kill_stopped()
+                self._account_for_binaries()
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.feed(st.StopRequested(signal.Signals(signum).name))

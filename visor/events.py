@@ -40,6 +40,7 @@ EVENTS: dict[str, frozenset[str]] = {                      # type -> fields beyo
 }
 QUIET = frozenset({"fetch.progress"})           # published, but logged only at debug level
 SNDHWM = 1000                                   # events queued per subscriber before it misses some
+CLOSE_LINGER_MS = 300
 
 
 class Publisher:
@@ -67,4 +68,6 @@ class Publisher:
             pass                                # a stalled subscriber misses events; we never wait
 
     def close(self) -> None:
-        self._pub.close(linger=0)
+        # Not linger 0: a subscriber whose publisher vanishes halfway through a two-frame message can
+        # abort inside libzmq (zeromq/libzmq#3442). Let what is in flight finish; a stalled one is cut.
+        self._pub.close(linger=CLOSE_LINGER_MS)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import zmq
 
 from tests.faults.conftest import TAG, ask_status, wait_running
-from tests.helpers import VISOR, wait_until
+from tests.helpers import VISOR, stalled_subscribers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 FLOOD = 1500                     # rpc.unreachable events, about 200 KB: past a stalled peer's buffers
@@ -19,28 +18,16 @@ FLOOD = 1500                     # rpc.unreachable events, about 200 KB: past a 
 
 @pytest.fixture
 def stalled(home):
-    """Three subscribers that never read, connected before the daemon binds."""
-    ctx = zmq.Context()
-    endpoint = f"ipc://{home.root}/.visor/events.sock"
-    subs = []
-    for hwm in (None, 1):
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.setsockopt(zmq.RCVBUF, 4096)               # small kernel buffer: the pressure reaches the daemon
-        if hwm is not None:
-            sub.setsockopt(zmq.RCVHWM, hwm)
-        sub.connect(endpoint)
-        subs.append(sub)
+    """Three subscribers that never read, connected before the daemon binds (in a process of their own,
+    see helpers.stalled_subscribers)."""
+    stalled_subs = stalled_subscribers(f"ipc://{home.root}/.visor/events.sock", 0, 1)
     follower = subprocess.Popen([*VISOR, "events", "--home", str(home.root), "--json"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     yield follower
-    follower.kill()
-    follower.wait(5)
-    follower.stdout.close()
-    for sub in subs:
-        sub.close()
-    ctx.term()
+    for proc in (follower, stalled_subs):
+        proc.kill()
+        proc.wait(5)
+        proc.stdout.close()
 
 
 def test_subscribers_that_never_read_do_not_slow_the_daemon(home, daemon, events, census, stalled):

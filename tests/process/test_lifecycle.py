@@ -201,3 +201,15 @@ def test_init_creates_a_home_and_refuses_an_existing_one(tmp_path):
 def test_version_prints_json():
     done = run_cli("version", "--output", "json")
     assert done.returncode == 0 and set(json.loads(done.stdout)) == {"version", "hash"}
+
+
+def test_a_second_stop_signal_kills_a_node_that_ignores_sigterm_at_once(home, daemon, events):
+    home.stage("genesis", "v0.72.1", args=home.node_args("--ignore-sigterm"))
+    home.set_config(stopSignalTimeoutSeconds=30)
+    daemon.start()
+    daemon.wait_running()
+    daemon.signal(signal.SIGINT)
+    wait_until(lambda: home.node_events("sigterm-ignored"), what="the node to ignore SIGTERM")
+    daemon.signal(signal.SIGINT)                      # the operator presses Ctrl-C again
+    assert daemon.wait_exit(10) == 0
+    assert events.wait_for("binary.exited", name="vega")["exitcode"] == -9

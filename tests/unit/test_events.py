@@ -4,6 +4,7 @@ import msgpack
 import pytest
 import zmq
 
+from tests.helpers import stalled_subscribers
 from visor.events import EVENTS, Publisher
 
 
@@ -52,7 +53,17 @@ def test_a_missing_field_is_our_bug(pub_sub):
         pub_sub[0].emit("binary.exited", name="vega")
 
 
-def test_a_subscriber_that_never_reads_never_blocks_the_publisher(pub_sub):
-    pub, _sub = pub_sub
-    for n in range(20000):                            # far past the high-water mark
-        pub.emit("fetch.progress", tag="v", asset="a", bytes=n, total=1)
+def test_a_subscriber_that_never_reads_never_blocks_the_publisher(tmp_path):
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/stalled.sock"
+    pub = Publisher(ctx, endpoint)
+    stalled = stalled_subscribers(endpoint, 0, 1)
+    try:
+        for n in range(20000):                        # far past the high-water mark and the kernel buffers
+            pub.emit("fetch.progress", tag="v", asset="a", bytes=n, total=1)
+    finally:
+        stalled.kill()
+        stalled.wait(5)
+        stalled.stdout.close()
+        pub.close()
+        ctx.destroy(linger=0)

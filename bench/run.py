@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     ensure_venv()
     opts = parse(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # through the finally that cleans up
     checkout = Path(opts.visor_root).resolve()
     base = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))     # short: ipc paths stay < 100 bytes
     root = snapshot(checkout, base / "src")  # the code measured stays the same while others edit theirs
@@ -148,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"upgrade: {plan['upgrades']} upgrades, status interval {plan['interval_ms']} ms", flush=True)
             up = upgrade.run(base / "upgrade", py, root, plan["upgrades"], plan["interval_ms"])
             configs["visor (upgrade)"] = up.pop("config").replace(str(base), "$WORK").replace(py, "$PY")
-    finally:
+    finally:                                 # even on ^C, SIGTERM or a closed stdout: nothing stays behind
         for c in pool:
-            c.stop()
+            try:
+                c.stop()
+            except BaseException:            # noqa: B036 - the next contender must be stopped too
+                pass
         left = cs.kill_leftovers(base)
-        if left:
-            print(f"killed {len(left)} leftover processes", flush=True)
         if not opts.keep:
             shutil.rmtree(base, ignore_errors=True)
+        if left:
+            print(f"killed {len(left)} leftover processes", flush=True)
 
     print("\n== configs ($WORK: the run's work folder, $PY: the bench interpreter) ==")
     for key, text in configs.items():

@@ -240,10 +240,10 @@ class Broker:
             if name == "vega" and snapshot_height is not None:
                 args = with_flag(args, SNAPSHOT_FLAG, str(snapshot_height))
             runner = f"runner:{name}"
+            start = p.StartBinary(path=str(binary.path), args=args, stop_timeout_s=self.cfg.stop_timeout_s)
             if runner not in self.pool.workers or self.pool.workers[runner].retired:
-                self._spawn(runner)
-            self._assign(runner, p.StartBinary(path=str(binary.path), args=args,
-                                               stop_timeout_s=self.cfg.stop_timeout_s))
+                self._spawn(runner, first=start)    # it starts the node before its socket is even up
+            self._assign(runner, start)
         if rc.data_node is None and "runner:data_node" in self.pool.workers:
             self._send("runner:data_node", p.Shutdown())
             self.pool.retire("runner:data_node")
@@ -327,7 +327,7 @@ class Broker:
                                            stop_timeout_s=self.cfg.stop_timeout_s))
             if binary.stop_sent:
                 self._send(name, p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
-        if name in self.assignments:
+        if name in self.assignments and self.assignments[name] is not self.pool.workers[name].born_with:
             self._send(name, self.assignments[name])
 
     def _forget_binary(self, msg: p.BinaryExited) -> None:
@@ -428,8 +428,8 @@ class Broker:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _spawn(self, name: str) -> None:
-        w = self.pool.spawn(name)
+    def _spawn(self, name: str, first=None) -> None:
+        w = self.pool.spawn(name, first)
         self.emit("worker.started", worker=name, pid=w.pid)
 
     def _assign(self, worker: str, msg) -> None:

@@ -20,6 +20,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from visor import protocol
+
 log = logging.getLogger(__name__)
 
 MODULES = {"upgrade-watcher": "workers.upgrade_watcher", "config-watcher": "workers.config_watcher",
@@ -59,6 +61,7 @@ class Worker:
     started_at: float = 0.0      # monotonic
     last_seen: float = 0.0       # monotonic; any message counts
     restart_at: float | None = None
+    born_with: object = None     # the command it was forked with (it never waits for that one)
     retired: bool = False        # told to leave; not restarted
 
     @property
@@ -80,7 +83,9 @@ class Pool:
             except ImportError as err:
                 log.error("cannot import %s: %s", module, err)
 
-    def spawn(self, name: str) -> Worker:
+    def spawn(self, name: str, first=None) -> Worker:
+        """Forks a worker. `first`: a command it holds from birth, so it can act before its socket is up
+        (a runner starts the node at once instead of after a round trip)."""
         w = self.workers.setdefault(name, Worker(name))
         if w.pid is not None and not w.retired:
             w.restarts += 1
@@ -88,6 +93,9 @@ class Pool:
         w.identity = f"{name}#{secrets.token_hex(8)}"   # lives in the forked child's memory only
         argv = ["--endpoint", self.endpoint, "--name", name, "--home", self.home, "--log-level", self.log_level,
                 "--broker-pid", str(os.getpid()), "--identity", w.identity]
+        if first is not None:
+            argv += ["--first", protocol.encode(first).hex()]
+        w.born_with = first
         gc.freeze()                              # the collector must not touch (copy) the shared pages
         pid = os.fork()
         if pid == 0:                             # the child: never returns into the broker's code

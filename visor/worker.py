@@ -35,6 +35,7 @@ def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--home", default="")
     parser.add_argument("--broker-pid", type=int, default=0, help="leave when this process exits")
     parser.add_argument("--identity", default="", help="socket identity (the name and a per-spawn secret)")
+    parser.add_argument("--first", default="", help="a command held from birth (hex of its frame)")
     parser.add_argument("--log-level", default="INFO")
     opts = parser.parse_args(argv)
     # a forked worker keeps the broker's handler (text or JSON); run alone, it gets a plain one
@@ -51,8 +52,9 @@ class Readable:
 
 
 class BrokerLink:
-    def __init__(self, endpoint: str, name: str, broker_pid: int = 0, identity: str = ""):
+    def __init__(self, endpoint: str, name: str, broker_pid: int = 0, identity: str = "", first: str = ""):
         self.name = name
+        self._first = protocol.decode(bytes.fromhex(first)) if first else None
         self._broker_pid = broker_pid or os.getppid()
         self._broker_fd = -1
         self._ctx = zmq.Context()
@@ -92,6 +94,9 @@ class BrokerLink:
 
     def receive(self, until: float = float("inf"), watch: tuple[int, ...] = ()):
         """The next command; Readable(fd) when a watched fd is readable; None once `until` passes."""
+        if self._first is not None:              # the command this worker was born with comes first
+            first, self._first = self._first, None
+            return first
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._broker_fd, zmq.POLLIN)

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_worker_args("config-watcher", argv)
     folder = Path(opts.home).absolute()
     path = folder / CONFIG_NAME
-    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity) as link:
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
         watch = open_watch(folder)       # watching before the first read: no edit can fall in between
         settle, last = Settle(), None
         try:

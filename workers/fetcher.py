@@ -44,7 +44,7 @@ def prepare(cmd: protocol.Prepare, report, verified: dict) -> protocol.FolderRea
 def main(argv: list[str] | None = None) -> int:
     opts = parse_worker_args("fetcher", argv)
     verified: dict = {}
-    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity) as link:
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
         while True:
             match link.receive():
                 case protocol.Shutdown():

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = zmq.Context()
     exporter: Exporter | None = None
     try:
-        with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity) as link:
+        with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
             while True:
                 watch = (exporter.events_fd,) if exporter else ()
                 match link.receive(until=exporter.listen_at if exporter else math.inf, watch=watch):

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     name = opts.name.partition(":")[2]
     binary: Binary | None = None
     stop_timeout_s = 15.0
-    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity) as link:
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
         try:
             while True:
                 until = binary.kill_at if binary else float("inf")

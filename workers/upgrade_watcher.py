@@ -25,7 +25,7 @@ def ask(node: AdminClient) -> protocol.UpgradeStatus | protocol.RpcFailed:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_worker_args("upgrade-watcher", argv)
-    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity) as link:
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
         node, interval_s, next_ask, last = None, 1.0, math.inf, None   # idle until told what to watch
         while True:
             match link.receive(until=next_ask):

@@ -7,12 +7,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import Daemon, Events, TestHome, processes_of, wait_until  # noqa: E402
+from tests.fakes.release_server import ReleaseServer  # noqa: E402
+from tests.helpers import Daemon, Events, TestHome, end_leftovers, processes_of, wait_until  # noqa: E402
 from visor.home import init_home  # noqa: E402
 
 
@@ -27,12 +27,18 @@ def home():
                  **{"autoInstall.enabled": False})
     h.announce()
     yield h
-    leftovers = processes_of(root)
-    for proc in leftovers:
-        proc.kill()
-    psutil.wait_procs(leftovers, timeout=5)
-    shutil.rmtree(root.parent, ignore_errors=True)
-    assert not leftovers, f"processes left behind: {[p.info['cmdline'] for p in leftovers]}"
+    try:
+        end_leftovers(root)
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def server(home):
+    """The fake GitHub release server, with auto-install pointed at it."""
+    with ReleaseServer() as s:
+        home.set_config(**{"autoInstall.enabled": True, "autoInstall.apiUrl": s.url})
+        yield s
 
 
 @pytest.fixture

@@ -217,6 +217,15 @@ class Daemon:
             self.proc.wait(5)
 
 
+def end_leftovers(root: Path) -> None:
+    """Kills whatever of this home is still running, then fails the test if there was anything."""
+    leftovers = processes_of(root)
+    for proc in leftovers:
+        proc.kill()
+    psutil.wait_procs(leftovers, timeout=5)
+    assert not leftovers, f"processes left behind: {[p.info['cmdline'] for p in leftovers]}"
+
+
 def processes_of(root: Path) -> list[psutil.Process]:
     """Every process still alive whose command line mentions this home (daemon, workers, fake node)."""
     found = []

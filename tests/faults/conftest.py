@@ -13,19 +13,10 @@ import psutil
 import pytest
 import zmq
 
-from tests.fakes.release_server import ReleaseServer
 from tests.helpers import processes_of, wait_until
 from visor import protocol
 
 TAG, ASSET = "v0.73.0", "vega-linux-amd64.zip"
-
-
-@pytest.fixture
-def server(home):
-    """The fake GitHub, with auto-install pointed at it."""
-    with ReleaseServer() as s:
-        home.set_config(**{"autoInstall.enabled": True, "autoInstall.apiUrl": s.url})
-        yield s
 
 
 class Census:

@@ -14,12 +14,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.faults.conftest import ASSET, TAG, wait_running
 from tests.fakes.zips import make_zip, release_zip_with_fake_vega
-from tests.helpers import TestHome as Home, processes_of, wait_until
+from tests.helpers import TestHome as Home, end_leftovers, wait_until
 from visor.home import init_home
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,11 +46,7 @@ def home():
         h.set_config(restartsDelaySeconds=0, stopSignalTimeoutSeconds=5, upgradeStatusIntervalMilliseconds=100)
         h.announce()
         yield h
-        leftovers = processes_of(root)
-        for proc in leftovers:
-            proc.kill()
-        psutil.wait_procs(leftovers, timeout=5)
-        assert not leftovers, f"processes left behind: {[p.info['cmdline'] for p in leftovers]}"
+        end_leftovers(root)
     finally:
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)

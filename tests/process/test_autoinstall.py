@@ -11,13 +11,6 @@ from tests.helpers import wait_until
 TAG, ASSET = "v0.73.0", "vega-linux-amd64.zip"
 
 
-@pytest.fixture
-def server(home):
-    with ReleaseServer() as s:
-        home.set_config(**{"autoInstall.enabled": True, "autoInstall.apiUrl": s.url})
-        yield s
-
-
 def started_in(home, folder: str) -> dict:
     """The fake node's `started` line from its run out of HOME/folder (it logs its folder and argv)."""
     want = str(home.root / folder)

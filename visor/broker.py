@@ -223,6 +223,8 @@ class Broker:
             case st.QuerySegment():
                 dn = self.run_config.data_node
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))
+            case st.Schedule(name=name, after_s=after_s) if after_s <= 0:
+                self.feed(st.Timer(name))        # due now: not after one more turn through the poller
             case st.Schedule(name=name, after_s=after_s):
                 self.timers[name] = time.monotonic() + after_s
             case st.Exit(code=code, reason=reason):

@@ -15,7 +15,6 @@ import gc
 import importlib
 import logging
 import os
-import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -76,13 +75,6 @@ class Pool:
     log_level: str = "INFO"
     workers: dict[str, Worker] = field(default_factory=dict)
 
-    def __post_init__(self):
-        for module in MODULES.values():          # imported once here, shared by every fork
-            try:
-                importlib.import_module(module)
-            except ImportError as err:
-                log.error("cannot import %s: %s", module, err)
-
     def spawn(self, name: str, first=None) -> Worker:
         """Forks a worker. `first`: a command it holds from birth, so it can act before its socket is up
         (a runner starts the node at once instead of after a round trip)."""
@@ -90,7 +82,11 @@ class Pool:
         if w.pid is not None and not w.retired:
             w.restarts += 1
         module = MODULES[name.partition(":")[0]]
-        w.identity = f"{name}#{secrets.token_hex(8)}"   # lives in the forked child's memory only
+        try:                                     # before the fork, so every later copy shares it; each when
+            importlib.import_module(module)      # first needed, so the runner's fork waits for no other's
+        except ImportError as err:
+            log.error("cannot import %s: %s", module, err)
+        w.identity = f"{name}#{os.urandom(8).hex()}"   # lives in the forked child's memory only
         argv = ["--endpoint", self.endpoint, "--name", name, "--home", self.home, "--log-level", self.log_level,
                 "--broker-pid", str(os.getpid()), "--identity", w.identity]
         if first is not None:

@@ -13,7 +13,7 @@ import stat
 import subprocess
 import time
 
-from visor import nodeapi, protocol
+from visor import protocol
 from visor.errors import NodeError
 from visor.worker import BrokerGone, BrokerLink, Readable, parse_worker_args
 
@@ -80,6 +80,7 @@ def stop_now(binary: Binary, timeout_s: float) -> None:
 
 
 def query_segment(path: str, args: list[str]) -> protocol.Segment:
+    from visor import nodeapi                    # http.client, email, ssl: kept off the way to the first start
     try:
         return protocol.Segment(height=nodeapi.latest_segment(path, args))
     except NodeError as err:

@@ -54,6 +54,7 @@ class Broker:
         self.exit: tuple[int, str] | None = None
         self._pending_upgrade: dict | None = None
         self._memory_dirty = False
+        self._workers_spawned = False    # the watchers are forked once the node has started
         self.notifier = Notifier()
         self._ready_sent = False
 
@@ -376,8 +377,10 @@ class Broker:
     def _spawn_workers(self) -> None:
         """The workers besides the runners. They start once the node has, so that on a small machine
         they do not compete with the runner for the CPU while the node is being started."""
-        if self.timers.pop("spawn-workers", None) is None:
-            return                                   # already done
+        if self._workers_spawned:
+            return
+        self._workers_spawned = True
+        self.timers.pop("spawn-workers", None)
         for name in ("upgrade-watcher", "config-watcher", "fetcher"):
             self._spawn(name)
         if self.cfg.metrics_listen:
@@ -388,7 +391,6 @@ class Broker:
 
     def _on_timer(self, name: str) -> None:
         if name == "spawn-workers":
-            self.timers[name] = 0                    # _spawn_workers pops it
             self._spawn_workers()
             return
         if name == "stop-watchdog":

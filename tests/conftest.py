@@ -64,3 +64,14 @@ def daemon(home):
                    what="visor's processes to end", timeout_s=5)
     except AssertionError:
         pass
+
+
+# The model test (tests/unit/test_model.py): a fixed, derandomised budget in ./run-tests;
+# `./run-tests tests/unit/test_model.py --hypothesis-profile=deep` walks much further, at random.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("default", max_examples=150, stateful_step_count=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=20000, stateful_step_count=80, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")

@@ -70,11 +70,10 @@ class Broker:
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
         folder = self.home.current_folder().name
-        pending = memory.get("pending") or {}
-        if pending.get("folder") == folder:          # killed after the switch, before the node came up
+        if pending := memory.get("pending") or None:     # an upgrade was in flight: it goes on
             self._pending_upgrade = pending
-            log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
-        self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height")))
+            log.warning("resuming the upgrade to %s from block %s", pending.get("folder"), pending.get("height"))
+        self.feed(st.Boot(folder, upgrade=pending))
         self.timers["spawn-workers"] = time.monotonic() + SPAWN_WORKERS_AFTER_S
         try:
             self._loop()
@@ -167,12 +166,7 @@ class Broker:
     def _remember_upgrade(self) -> None:
         """Writes down an upgrade before its first stop is sent, and forgets it once the new node has
         answered: a broker killed in between starts the new folder from the upgrade block again."""
-        u, s = self.state.upgrade, self.state
-        pending = self._pending_upgrade
-        if u and u.step in (st.Step.STOPPING, st.Step.STARTING):
-            pending = {"tag": u.tag, "folder": u.folder, "height": u.height}
-        elif s.phase is Phase.RUNNING and not s.first_budget:    # it answered since it started
-            pending = None
+        pending = st.in_flight(self.state)
         if pending != self._pending_upgrade:
             self._pending_upgrade = pending
             self._write_memory(durable=True)     # before the first stop is sent: it must survive a crash

@@ -85,6 +85,14 @@ class VisorConfig:
         """Plain data, for the wire (the config watcher sends it to the broker)."""
         return dataclasses.asdict(self)
 
+    def folder_for(self, tag: str) -> str:
+        """The folder (name inside the home) of release `tag`: upgradeFolders[tag], else the tag itself."""
+        return self.upgrade_folders.get(tag, tag)
+
+    def hook(self, name: str):
+        """The upgrade hook configured under [upgradeHooks.<name>], or None."""
+        return None
+
     def changed_keys(self, other: VisorConfig) -> list[str]:
         """The TOML keys whose values differ between two configs."""
         return [key for key, (name, *_rest) in KEYS.items() if getattr(self, name) != getattr(other, name)]

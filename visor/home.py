@@ -46,7 +46,7 @@ class Home:
 
     def folder_for(self, tag: str, cfg: VisorConfig) -> Path:
         """The release folder of an upgrade tag: upgradeFolders[tag], else the tag itself."""
-        return self.root / cfg.upgrade_folders.get(tag, tag)
+        return self.root / cfg.folder_for(tag)
 
     def current_folder(self) -> Path:
         return self.current.resolve()

@@ -187,6 +187,37 @@ class FetchFailed:
     error: str
 
 
+# --- hooks ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunHook:                   # broker -> hooks worker
+    kind: ClassVar[str] = "run_hook"
+    hook: str                    # beforeStop | afterStop | afterStart
+    path: str                    # absolute
+    args: list[str]
+    timeout_s: float
+    env: dict[str, str]          # VISOR_HOOK, VISOR_HOME, VISOR_UPGRADE_TAG, VISOR_UPGRADE_HEIGHT, VISOR_FROM/TO_FOLDER
+    cwd: str                     # HOME
+
+
+@dataclass(frozen=True)
+class HookStarted:               # hooks -> broker
+    kind: ClassVar[str] = "hook_started"
+    hook: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class HookFinished:              # hooks -> broker
+    kind: ClassVar[str] = "hook_finished"
+    hook: str
+    ok: bool
+    duration_ms: float
+    exitcode: int | None = None  # None: it did not start, or timed out
+    error: str = ""              # why it failed: "exited with code 3", "timed out after 60 s", "cannot start: ..."
+
+
 # --- config watcher ---------------------------------------------------------------------------
 
 
@@ -239,7 +270,7 @@ MESSAGES: dict[str, type] = {m.kind: m for m in (
     Hello, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
     StartBinary, AdoptBinary, StopBinary, BinaryStarted, StartFailed, BinaryExited, QuerySegment, Segment,
     Prepare, FolderReady, FolderBlocked, FetchStarted, FetchProgress, FetchCompleted, FetchFailed,
-    ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, ErrorReply,
+    RunHook, HookStarted, HookFinished, ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, ErrorReply,
 )}
 
 

@@ -1,7 +1,7 @@
 """Asks the core node for its upgrade status and reports what it hears. Decides nothing.
 
-It reports an answer when it differs from the last one reported (or follows a failure), and every
-failed call; counting failures and deciding what they mean is the broker's job.
+It reports an answer when it differs from the last one reported (or follows a failure or a new Watch),
+and every failed call; counting failures and deciding what they mean is the broker's job.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 case protocol.Watch(socket_path=sock, http_path=path, interval_ms=ms):
                     if node is None or (node.socket_path, node.http_path) != (sock, path):
-                        node, last = AdminClient(sock, path, timeout_s=max(1.0, min(5.0, 3 * ms / 1000))), None
-                    interval_s, next_ask = ms / 1000, time.monotonic()
+                        node = AdminClient(sock, path, timeout_s=max(1.0, min(5.0, 3 * ms / 1000)))
+                    # sent at every start of the binaries: their first answer is news, even if unchanged
+                    interval_s, next_ask, last = ms / 1000, time.monotonic(), None
                 case None:
                     started = time.monotonic()
                     heard = ask(node)

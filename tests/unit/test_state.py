@@ -176,16 +176,43 @@ def test_a_crash_while_blocked_restarts_the_old_binaries_and_forgets_the_upgrade
     assert s.phase is Phase.RESTARTING and s.upgrade is None
 
 
-def test_rpc_failures_use_the_first_budget_until_the_node_answers_then_the_restart_budget():
-    s, actions = run([p.RpcFailed("refused")] * 3, up())
-    assert [a.fields["max"] for a in emitted(actions, "rpc.unreachable")] == [3, 3, 3]
+def fail_calls(s, times, cfg=CFG):
+    """Feeds a failed status call at each of these times; returns the state and the actions."""
+    actions = []
+    for t in times:
+        s, more = step(s, p.RpcFailed("refused"), cfg, t)
+        actions += more
+    return s, actions
+
+
+def test_a_retry_budget_means_seconds_as_in_the_go_visor_whatever_the_poll_interval():
+    # ten failed calls 100 ms apart are one Go-visor attempt (2 s apart), not ten
+    s, actions = fail_calls(up(), [100 + i / 10 for i in range(10)])
+    assert [a.fields["attempt"] for a in emitted(actions, "rpc.unreachable")] == [1]
     assert s.phase is Phase.RUNNING
-    s, actions = step(s, p.RpcFailed("refused"), CFG, 1)
+    # the first budget (3) lasts about 2·3 s: the fourth attempt, 6 s after the first, stops the node
+    s, actions = fail_calls(s, [102, 104])
+    assert s.phase is Phase.RUNNING and s.rpc_failures == 3
+    s, actions = fail_calls(s, [106])
     assert s.phase is Phase.STOPPING and actions[-1] == StopBinaries()
-    assert "did not answer 4 upgrade-status calls" in s.reason
-    s, _ = run([p.UpgradeStatus("", 0, False), p.RpcFailed("refused")], up())
-    assert s.phase is Phase.RUNNING and s.rpc_failures == 1
-    s, _ = step(s, p.RpcFailed("refused"), CFG, 1)
+    assert "for 8 s" in s.reason
+
+
+def test_a_node_that_answered_keeps_the_first_budget_until_a_crash_restart():
+    # a busy node after its first answer is not stopped by the small restart budget (1)
+    s, _ = run([p.UpgradeStatus("", 0, False)], up())
+    s, _ = fail_calls(s, [100, 102, 104])
+    assert s.phase is Phase.RUNNING and s.rpc_failures == 3
+    s, _ = step(s, p.UpgradeStatus("", 0, False), CFG, 105)
+    assert s.rpc_failures == 0
+
+
+def test_after_a_crash_restart_the_restart_budget_applies():
+    s, _ = run([exited(), Timer("restart"), Launching(frozenset({"vega"})), started(pid=11)], up())
+    assert s.phase is Phase.RUNNING and not s.first_budget
+    s, actions = fail_calls(s, [100])
+    assert s.phase is Phase.RUNNING and emitted(actions, "rpc.unreachable")[0].fields["max"] == 1
+    s, _ = fail_calls(s, [102])
     assert s.phase is Phase.STOPPING                      # restart budget: 1
 
 
@@ -212,3 +239,51 @@ def test_a_binary_that_fails_to_start_while_stopping_lets_visor_exit():
     s, _ = run([Boot("genesis"), Launching(frozenset({"vega"})), StopRequested("SIGINT")])
     _, actions = step(s, p.StartFailed("vega", "no such file"), CFG, 1)
     assert actions == [Exit(0, "received SIGINT")]
+
+
+def test_a_core_binary_that_cannot_start_while_the_data_node_starts_is_one_failure_and_restarts():
+    # regression (issue 11): the data node reported its start after vega's failure was counted, and
+    # RESTARTING waited for it forever
+    both = frozenset({"vega", "data_node"})
+    s, actions = run([Boot("genesis"), Launching(both), p.StartFailed("vega", "no such file")])
+    assert s.phase is Phase.RESTARTING and s.restarts == 1
+    s, actions = step(s, started("data_node", 11), CFG, 1)
+    assert StopBinaries() in actions                      # started too late: stopped at once
+    s, actions = step(s, exited("data_node", 11, -15), CFG, 1)
+    assert actions[-1] == Schedule("restart", 5) and s.restarts == 1
+
+
+def test_two_start_failures_in_one_attempt_are_one_failure():
+    both = frozenset({"vega", "data_node"})
+    s, actions = run([Boot("genesis"), Launching(both), p.StartFailed("vega", "gone"),
+                      p.StartFailed("data_node", "gone")])
+    assert s.restarts == 1 and actions[-1] == Schedule("restart", 5)
+    assert len(emitted(actions, "binary.restart_scheduled")) == 1
+
+
+def test_the_accepted_release_leaves_status_once_the_upgrade_is_done():
+    s = up()
+    s, _ = run([p.UpgradeStatus("v2", 50, True), p.FolderReady("v2", "/h/v2"), exited(code=0),
+                Launching(frozenset({"vega"})), started(pid=12)], s)
+    assert s.phase is Phase.RUNNING and s.accepted is None and s.last_upgrade["tag"] == "v2"
+    s, actions = step(s, p.UpgradeStatus("v2", 50, False), CFG, 1)   # the new node still names it
+    assert s.accepted is None and not emitted(actions)
+    s, _ = step(s, p.UpgradeStatus("", 0, False), CFG, 1)
+    assert s.upgrade is None
+
+
+def test_a_run_killed_while_stopping_for_an_upgrade_resumes_the_upgrade():
+    pending = {"tag": "v2", "folder": "v2", "height": 50}
+    s, actions = run([Boot("genesis", upgrade=pending)])             # nothing left running
+    assert actions == [SwitchCurrent("v2"), StartBinaries("v2", 50)]
+    s, actions = run([Boot("genesis", adopted={"vega": 10}, expected=frozenset({"vega"}), upgrade=pending)])
+    assert actions == [StopBinaries()] and s.upgrade.step is Step.STOPPING
+    s, actions = step(s, exited(code=0), CFG, 1)
+    assert SwitchCurrent("v2") in actions
+
+
+def test_adopted_binaries_are_running_and_a_lost_one_is_a_failure():
+    s, actions = run([Boot("genesis", adopted={"vega": 10}, expected=frozenset({"vega"}), restarts=2)])
+    assert s.phase is Phase.RUNNING and actions == [] and s.restarts == 2 and not s.first_budget
+    s, actions = run([Boot("genesis", adopted={"vega": 10}, expected=frozenset({"vega", "data_node"}))])
+    assert s.phase is Phase.RESTARTING and "data_node ended while Visor was down" in s.reason

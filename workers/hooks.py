@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -61,6 +62,8 @@ class Running:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
             pass                                   # nothing of the group is left
+        except PermissionError:                    # a member we may not signal (setuid): not ours to end
+            log.warning("hook %s: cannot signal all of process group %d", self.hook, self.pid)
 
     def finish(self, error: str = "") -> protocol.HookFinished:
         """The hook has exited (or `error` says why it was ended): kills what is left of its group,
@@ -81,9 +84,7 @@ class Running:
         """SIGTERM to the group; SIGKILL once the hook has left or SHUTDOWN_GRACE_S has passed. Blocks:
         only when we are leaving."""
         self.signal(signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        while self.popen.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        select.select([self.pidfd], [], [], SHUTDOWN_GRACE_S)     # readable once it has exited; not reaped
         return self.finish(error=why)
 
 

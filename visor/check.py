@@ -126,20 +126,24 @@ def check_run_config(path: Path, found: Findings) -> None:
 
 
 def check_binary(run_config: Path, key: str, binary: Path, found: Findings) -> None:
-    try:
-        mode = os.stat(binary).st_mode       # follows links: what matters is what would be executed
-    except FileNotFoundError:
-        found.problems.append(f"{run_config}: {key} {binary}: not found")
-        return
-    except OSError as err:
-        found.problems.append(f"{run_config}: {key} {binary}: cannot be read ({err.strerror})")
-        return
-    if not stat.S_ISREG(mode):
-        found.problems.append(f"{run_config}: {key} {binary}: not a regular file")
+    mode, problem = stat_program(binary)
+    if problem:
+        found.problems.append(f"{run_config}: {key} {binary}: {problem}")
     elif mode & 0o111 != 0o111:
         # mode bits, not os.access: as root, access() would say yes to a file others cannot run
         found.warnings.append(f"{run_config}: {key} {binary}: not executable "
                               f"(mode {stat.S_IMODE(mode):o}); Visor will set a+x before starting it")
+
+
+def stat_program(program: Path) -> tuple[int, str]:
+    """(its mode, "") for a regular file; else (0, why it cannot be run at all)."""
+    try:
+        mode = os.stat(program).st_mode      # follows links: what matters is what would be executed
+    except FileNotFoundError:
+        return 0, "not found"
+    except OSError as err:
+        return 0, f"cannot be read ({err.strerror})"
+    return (mode, "") if stat.S_ISREG(mode) else (0, "not a regular file")
 
 
 # --- the current link and upgrade folders -------------------------------------------------------
@@ -176,17 +180,9 @@ def check_hooks(home: Home, cfg: VisorConfig, found: Findings) -> None:
         if (hook := cfg.hook(name)) is None:
             continue
         program = hook.program(home.root)
-        where = f"{home.config}: upgradeHooks.{name}: {program}"
-        try:
-            mode = os.stat(program).st_mode
-        except FileNotFoundError:
-            found.problems.append(f"{where}: not found")
-            continue
-        except OSError as err:
-            found.problems.append(f"{where}: cannot be read ({err.strerror})")
-            continue
-        if not stat.S_ISREG(mode):
-            found.problems.append(f"{where}: not a regular file")
-        elif not os.access(program, os.X_OK):
+        mode, problem = stat_program(program)
+        if not problem and not os.access(program, os.X_OK):
             # unlike a node binary, Visor never sets a+x on a hook: it runs what the operator wrote
-            found.problems.append(f"{where}: not executable (mode {stat.S_IMODE(mode):o})")
+            problem = f"not executable (mode {stat.S_IMODE(mode):o})"
+        if problem:
+            found.problems.append(f"{home.config}: upgradeHooks.{name}: {program}: {problem}")

@@ -5,7 +5,8 @@ It judges files with the loaders that start-up and hot reload use (config.py), s
 
 Problems (exit 1) are what stops `visor run` or an upgrade: a config.toml or run-config that does not
 load, a binary that is missing or not a regular file, an empty vega.rpc.socketPath or a socket folder
-that does not exist, a `current` link that is dangling or leads to a folder without run-config.toml.
+that does not exist, a `current` link that is dangling or leads to a folder without run-config.toml,
+an upgrade hook whose program is missing or not executable (required or not: it would fail every upgrade).
 Warnings (printed, exit 0) are what Visor copes with on its own: unknown keys (ignored); a binary
 without its execute bits (the runner sets a+x before starting it, as the Go visor does); an
 upgradeFolders target that does not exist yet (an operator may drop it in, or auto-install fetch it,
@@ -21,7 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from visor.config import VisorConfig, load_run_config, parse_visor_config, read_toml
+from visor.config import HOOKS, VisorConfig, load_run_config, parse_visor_config, read_toml
 from visor.errors import ConfigError, HomeError
 from visor.home import Home
 
@@ -56,6 +57,7 @@ def check_home_findings(home: Home) -> Findings:
     check_current(home, found)
     if cfg is not None:
         check_upgrade_folders(home, cfg, found)
+        check_hooks(home, cfg, found)
     return found
 
 
@@ -124,20 +126,24 @@ def check_run_config(path: Path, found: Findings) -> None:
 
 
 def check_binary(run_config: Path, key: str, binary: Path, found: Findings) -> None:
-    try:
-        mode = os.stat(binary).st_mode       # follows links: what matters is what would be executed
-    except FileNotFoundError:
-        found.problems.append(f"{run_config}: {key} {binary}: not found")
-        return
-    except OSError as err:
-        found.problems.append(f"{run_config}: {key} {binary}: cannot be read ({err.strerror})")
-        return
-    if not stat.S_ISREG(mode):
-        found.problems.append(f"{run_config}: {key} {binary}: not a regular file")
+    mode, problem = stat_program(binary)
+    if problem:
+        found.problems.append(f"{run_config}: {key} {binary}: {problem}")
     elif mode & 0o111 != 0o111:
         # mode bits, not os.access: as root, access() would say yes to a file others cannot run
         found.warnings.append(f"{run_config}: {key} {binary}: not executable "
                               f"(mode {stat.S_IMODE(mode):o}); Visor will set a+x before starting it")
+
+
+def stat_program(program: Path) -> tuple[int, str]:
+    """(its mode, "") for a regular file; else (0, why it cannot be run at all)."""
+    try:
+        mode = os.stat(program).st_mode      # follows links: what matters is what would be executed
+    except FileNotFoundError:
+        return 0, "not found"
+    except OSError as err:
+        return 0, f"cannot be read ({err.strerror})"
+    return (mode, "") if stat.S_ISREG(mode) else (0, "not a regular file")
 
 
 # --- the current link and upgrade folders -------------------------------------------------------
@@ -166,3 +172,17 @@ def check_upgrade_folders(home: Home, cfg: VisorConfig, found: Findings) -> None
                                   f"(it must be there, or fetched, before the upgrade to {tag})")
         elif not (target / RUN_CONFIG).is_file():
             found.warnings.append(f"{home.config}: upgradeFolders.{tag}: {target} has no {RUN_CONFIG} yet")
+
+
+def check_hooks(home: Home, cfg: VisorConfig, found: Findings) -> None:
+    """A hook that cannot be started fails its upgrade (a required one holds it): a problem now."""
+    for name in HOOKS:
+        if (hook := cfg.hook(name)) is None:
+            continue
+        program = hook.program(home.root)
+        mode, problem = stat_program(program)
+        if not problem and not os.access(program, os.X_OK):
+            # unlike a node binary, Visor never sets a+x on a hook: it runs what the operator wrote
+            problem = f"not executable (mode {stat.S_IMODE(mode):o})"
+        if problem:
+            found.problems.append(f"{home.config}: upgradeHooks.{name}: {program}: {problem}")

@@ -43,6 +43,8 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
     "logFormat": ("log_format", str, "text", "Visor's own log lines: text, or json (one object per line)"),
     "logLevel": ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "upgradeFolders": ("upgrade_folders", dict, {}, "release tag -> folder name, overriding the tag"),
+    "upgradeHooks": ("upgrade_hooks", dict, {},
+        "programs run at three moments of every upgrade: beforeStop, afterStop, afterStart"),
     "autoInstall.enabled": ("auto_install", bool, True, "fetch releases automatically"),
     "autoInstall.repositoryOwner": ("repository_owner", str, "vegaprotocol", "GitHub owner of the releases"),
     "autoInstall.repository": ("repository", str, "vega", "GitHub repository of the releases"),
@@ -80,6 +82,15 @@ class VisorConfig:
     asset_name: str = "vega-linux-amd64.zip"
     asset_binary: str = "vega"
     checksums_name: str = ""
+    # hook name -> {"path", "args", "timeout_s", "required"}: plain data, so fields() crosses the wire
+    upgrade_hooks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def hook(self, name: str) -> Hook | None:
+        """The hook configured for this moment (one of HOOKS), or None."""
+        if (h := self.upgrade_hooks.get(name)) is None:
+            return None
+        return Hook(name=name, path=h["path"], args=tuple(h["args"]), timeout_s=h["timeout_s"],
+                    required=h["required"])
 
     def fields(self) -> dict[str, Any]:
         """Plain data, for the wire (the config watcher sends it to the broker)."""
@@ -89,10 +100,6 @@ class VisorConfig:
         """The folder (name inside the home) of release `tag`: upgradeFolders[tag], else the tag itself."""
         return self.upgrade_folders.get(tag, tag)
 
-    def hook(self, name: str):
-        """The upgrade hook configured under [upgradeHooks.<name>], or None."""
-        return None
-
     def changed_keys(self, other: VisorConfig) -> list[str]:
         """The TOML keys whose values differ between two configs."""
         return [key for key, (name, *_rest) in KEYS.items() if getattr(self, name) != getattr(other, name)]
@@ -100,6 +107,50 @@ class VisorConfig:
 
 assert {f.name for f in dataclasses.fields(VisorConfig)} == {v[0] for v in KEYS.values()}
 assert all(getattr(VisorConfig(), v[0]) == v[2] for v in KEYS.values())
+
+
+# --- upgrade hooks ([upgradeHooks.<name>] tables) ------------------------------------------------
+
+HOOKS = ("beforeStop", "afterStop", "afterStart")   # in the order an upgrade reaches them
+HOOK_KEYS = {"path": (str, "a non-empty string"), "args": (list, "a list of strings"),   # key -> (type, words)
+             "timeoutSeconds": (int, "a whole number"), "required": (bool, "true or false")}
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str                           # one of HOOKS
+    path: str                           # as written; relative means relative to HOME (see program())
+    args: tuple[str, ...] = ()
+    timeout_s: int = 300
+    required: bool = True               # a failure holds the upgrade (beforeStop, afterStop only)
+
+    def program(self, home: Path) -> Path:
+        """The absolute path to run: this module does not know HOME, its callers do."""
+        return Path(home, self.path).absolute()     # an absolute self.path stays as it is
+
+
+def _parse_hooks(raw: dict[str, Any], path: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """[upgradeHooks.*] tables -> {name: {"path", "args", "timeout_s", "required"}}, and warnings."""
+    hooks, warnings = {}, []
+    for name, table in raw.items():
+        where = f"upgradeHooks.{name}"
+        if name not in HOOKS:
+            warnings.append(f"{path}: unknown key {where!r} ignored (hooks are {', '.join(HOOKS)})")
+            continue
+        if type(table) is not dict:
+            raise ConfigError(path, f"{where} must be a table, got {table!r}")
+        for key, value in table.items():
+            if key not in HOOK_KEYS:
+                warnings.append(f"{path}: unknown key '{where}.{key}' ignored")
+            elif type(value) is not HOOK_KEYS[key][0] or (key == "args" and not all(type(a) is str for a in value)):
+                raise ConfigError(path, f"{where}.{key} must be {HOOK_KEYS[key][1]}, got {value!r}")
+        if not table.get("path"):
+            raise ConfigError(path, f"{where}.path is missing or empty: it names the program to run")
+        if (timeout_s := table.get("timeoutSeconds", 300)) <= 0:
+            raise ConfigError(path, f"{where}.timeoutSeconds must be at least 1, got {timeout_s}")
+        hooks[name] = {"path": table["path"], "args": table.get("args", []), "timeout_s": timeout_s,
+                       "required": table.get("required", True)}
+    return hooks, warnings
 
 
 @dataclass(frozen=True)
@@ -181,6 +232,9 @@ def parse_visor_config(raw: dict[str, Any], path: Path) -> tuple[VisorConfig, li
         raise ConfigError(path, f"eventsEndpoint {endpoint!r} is not a loopback address; "
                                 "set eventsAllowRemote = true to publish events to the network")
     _check_choices(values, path)
+    if "upgrade_hooks" in values:
+        values["upgrade_hooks"], hook_warnings = _parse_hooks(values["upgrade_hooks"], path)
+        warnings += hook_warnings
     return VisorConfig(**values), warnings
 
 

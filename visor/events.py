@@ -37,6 +37,9 @@ EVENTS: dict[str, frozenset[str]] = {                      # type -> fields beyo
     "config.reloaded": frozenset({"changed"}),
     "config.rejected": frozenset({"error"}),
     "rpc.unreachable": frozenset({"attempt", "max", "error"}),
+    "hook.started": frozenset({"hook", "tag", "pid"}),
+    "hook.completed": frozenset({"hook", "tag", "duration_ms"}),
+    "hook.failed": frozenset({"hook", "tag", "duration_ms"}),            # and exitcode or error
 }
 QUIET = frozenset({"fetch.progress"})           # published, but logged only at debug level
 SNDHWM = 1000                                   # events queued per subscriber before it misses some

@@ -134,8 +134,28 @@ def render_default_config() -> str:
             out += ["", f"[{table}]"]
         out += lines
     out += ["", "# release tag -> folder name, when a release's folder is not named after its tag",
-            "[upgradeFolders]", '# "v0.73.0" = "v0.73.0-patched"', ""]
+            "[upgradeFolders]", '# "v0.73.0" = "v0.73.0-patched"', "", *HOOK_EXAMPLES.splitlines(), ""]
     return "\n".join(out)
+
+
+# Commented out: a hook runs only when its table is there. Examples of the programs are in Visor's
+# etc/hooks/ (copy them into HOME/hooks/); docs/operators.md, "Upgrade hooks", has the whole contract.
+HOOK_EXAMPLES = """\
+# upgradeHooks: your own programs at three moments of every upgrade, each optional. `path` is
+# absolute or relative to this home; `args` default []; `timeoutSeconds` default 300 (then SIGTERM
+# to its process group, SIGKILL 5 s later); `required` default true (a failure holds the upgrade).
+# [upgradeHooks.beforeStop]    # the new folder is ready and verified; the old binaries still run
+# path = "hooks/notify"
+# args = ["https://hooks.example.com/visor"]
+# timeoutSeconds = 60
+# required = false
+# [upgradeHooks.afterStop]     # the old binaries are down, `current` not yet switched: backups
+# path = "hooks/backup"
+# args = ["--source", "/path/to/vega/home/state", "--dest-root", "/path/to/backups"]
+# timeoutSeconds = 3600
+# [upgradeHooks.afterStart]    # the new binaries run and the core node has answered its first call
+# path = "hooks/notify"
+# args = ["https://hooks.example.com/visor"]"""
 
 
 def render_run_config(name: str, with_data_node: bool) -> str:

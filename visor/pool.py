@@ -24,7 +24,8 @@ from visor import protocol
 log = logging.getLogger(__name__)
 
 MODULES = {"upgrade-watcher": "workers.upgrade_watcher", "config-watcher": "workers.config_watcher",
-           "fetcher": "workers.fetcher", "runner": "workers.runner", "metrics": "workers.metrics"}
+           "fetcher": "workers.fetcher", "runner": "workers.runner", "metrics": "workers.metrics",
+           "hooks": "workers.hooks"}
 HUNG_AFTER_S = 60.0              # far above the heartbeat; blocking calls in workers are bounded below it
 BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 STEADY_AFTER_S = 30.0            # a worker that lived this long starts its backoff afresh

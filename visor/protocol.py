@@ -187,37 +187,6 @@ class FetchFailed:
     error: str
 
 
-# --- hooks ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunHook:                   # broker -> hooks worker
-    kind: ClassVar[str] = "run_hook"
-    hook: str                    # beforeStop | afterStop | afterStart
-    path: str                    # absolute
-    args: list[str]
-    timeout_s: float
-    env: dict[str, str]          # VISOR_HOOK, VISOR_HOME, VISOR_UPGRADE_TAG, VISOR_UPGRADE_HEIGHT, VISOR_FROM/TO_FOLDER
-    cwd: str                     # HOME
-
-
-@dataclass(frozen=True)
-class HookStarted:               # hooks -> broker
-    kind: ClassVar[str] = "hook_started"
-    hook: str
-    pid: int
-
-
-@dataclass(frozen=True)
-class HookFinished:              # hooks -> broker
-    kind: ClassVar[str] = "hook_finished"
-    hook: str
-    ok: bool
-    duration_ms: float
-    exitcode: int | None = None  # None: it did not start, or timed out
-    error: str = ""              # why it failed: "exited with code 3", "timed out after 60 s", "cannot start: ..."
-
-
 # --- config watcher ---------------------------------------------------------------------------
 
 
@@ -245,6 +214,40 @@ class ServeMetrics:              # broker -> metrics: serve Prometheus metrics o
     control_endpoint: str        # where it asks for `status` at each scrape
 
 
+# --- hooks (spawned on the first upgrade hook) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunHook:                   # broker -> hooks: run this program now; one at a time
+    kind: ClassVar[str] = "run_hook"
+    hook: str                    # beforeStop | afterStop | afterStart
+    path: str                    # absolute
+    args: list[str]
+    timeout_s: float             # then SIGTERM to its process group, SIGKILL 5 s later
+    # added to the worker's own environment: VISOR_HOOK, VISOR_HOME, VISOR_UPGRADE_TAG,
+    # VISOR_UPGRADE_HEIGHT, VISOR_FROM_FOLDER, VISOR_TO_FOLDER
+    env: dict[str, str]
+    cwd: str                     # HOME
+
+
+@dataclass(frozen=True)
+class HookStarted:               # hooks -> broker
+    kind: ClassVar[str] = "hook_started"
+    hook: str
+    pid: int                     # it leads its own process group (pgid == pid): if the hooks worker dies
+                                 # mid-hook, the broker kills that group itself
+
+
+@dataclass(frozen=True)
+class HookFinished:              # hooks -> broker: exactly one per RunHook
+    kind: ClassVar[str] = "hook_finished"
+    hook: str
+    ok: bool
+    duration_ms: float
+    exitcode: int | None = None  # None: it did not start, or timed out; negative: killed by that signal
+    error: str = ""              # why it failed: "exited with code 3", "timed out after 60 s", "cannot start ..."
+
+
 # --- control socket (CLI <-> broker) ----------------------------------------------------------
 
 
@@ -270,7 +273,8 @@ MESSAGES: dict[str, type] = {m.kind: m for m in (
     Hello, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
     StartBinary, AdoptBinary, StopBinary, BinaryStarted, StartFailed, BinaryExited, QuerySegment, Segment,
     Prepare, FolderReady, FolderBlocked, FetchStarted, FetchProgress, FetchCompleted, FetchFailed,
-    RunHook, HookStarted, HookFinished, ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, ErrorReply,
+    ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, ErrorReply,
+    RunHook, HookStarted, HookFinished,
 )}
 
 

@@ -14,7 +14,6 @@ Runs derandomised with a fixed budget in ./run-tests; `--hypothesis-profile=deep
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -29,24 +28,12 @@ TAGS = ("", "v2", "v3")
 HOOK = {"path": "/bin/true", "args": [], "timeout_s": 5, "required": True}
 
 
-@dataclass(frozen=True)
-class _Hooked(VisorConfig):      # TEMPORARY until config.py has [upgradeHooks]
-    hooks: tuple = ()
-
-    def hook(self, name):
-        return dict(self.hooks).get(name)
-
-
-class _H:
-    def __init__(self, required):
-        self.required = required
-
-
 def config(restarts_delay_s: int, stop_delay_s: int, hooks: dict[str, bool]) -> VisorConfig:
     """hooks: name -> required."""
-    return _Hooked(max_restarts=2, restarts_delay_s=restarts_delay_s, stop_delay_s=stop_delay_s,
-                   max_first_retries=3, max_restart_retries=1, auto_install=True,
-                   upgrade_folders={"v3": "v3-patched"}, hooks=tuple((n, _H(r)) for n, r in hooks.items()))
+    return VisorConfig(max_restarts=2, restarts_delay_s=restarts_delay_s, stop_delay_s=stop_delay_s,
+                       max_first_retries=3, max_restart_retries=1, auto_install=True,
+                       upgrade_folders={"v3": "v3-patched"},
+                       upgrade_hooks={name: {**HOOK, "required": req} for name, req in hooks.items()})
 
 
 class World:

@@ -9,7 +9,7 @@ from visor import protocol as p
 from visor.errors import ProtocolError
 
 SAMPLES = {"str": "x", "int": 7, "float": 1.5, "bool": True, "list[str]": ["a", "b"], "dict[str, Any]": {"k": 1},
-           "int | None": None}
+           "int | None": None, "dict[str, str]": {"k": "v"}}
 
 
 @pytest.mark.parametrize("cls", list(p.MESSAGES.values()), ids=lambda c: c.kind)

@@ -1,0 +1,177 @@
+"""workers/hooks.py as a real process against a fake broker: what a hook is given, how its end is
+reported, and that nothing of a hook is left running, whichever way it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fakes.hook_broker import FakeBroker
+from tests.helpers import wait_until
+from visor import protocol
+from workers.hooks import KILL_AFTER_S
+
+ENV = {"VISOR_HOOK": "afterStop", "VISOR_HOME": "/srv/visor", "VISOR_UPGRADE_TAG": "v0.73.0",
+       "VISOR_UPGRADE_HEIGHT": "120", "VISOR_FROM_FOLDER": "/srv/visor/genesis", "VISOR_TO_FOLDER": "/srv/visor/v0.73.0"}
+
+
+@pytest.fixture
+def folder():
+    path = Path(tempfile.mkdtemp(prefix="vh", dir="/tmp"))
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture
+def broker(folder):
+    b = FakeBroker(folder, "workers.hooks", "hooks")
+    yield b
+    b.close()
+
+
+def script(folder: Path, name: str, body: str) -> str:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def run(broker: FakeBroker, path: str, *args: str, timeout_s: float = 30, hook: str = "afterStop") -> None:
+    broker.send(protocol.RunHook(hook=hook, path=path, args=list(args), timeout_s=timeout_s,
+                                 env={**ENV, "VISOR_HOOK": hook}, cwd=str(broker.folder)))
+
+
+def alive_in_group(pgid: int) -> list[int]:
+    """Processes of this group still running (zombies waiting for init to reap them do not count)."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def assert_group_ends(pgid: int, timeout_s: float = 2.0) -> None:
+    try:
+        wait_until(lambda: not alive_in_group(pgid), what=f"process group {pgid} to end", timeout_s=timeout_s)
+    except AssertionError:
+        os.killpg(pgid, signal.SIGKILL)          # leave nothing, even when failing
+        raise
+
+
+def test_a_hook_gets_its_environment_folder_and_args_and_its_output_reaches_stdout(broker, folder):
+    hook = script(folder, "ok", 'echo "out: $VISOR_HOOK $VISOR_UPGRADE_TAG $VISOR_UPGRADE_HEIGHT $(pwd) $1 $2"\n'
+                                'echo "err: $VISOR_FROM_FOLDER -> $VISOR_TO_FOLDER $VISOR_HOME PATH=${PATH:+set}" >&2\n')
+    run(broker, hook, "--flag", "two words", hook="beforeStop")
+    started = broker.wait_for(protocol.HookStarted)
+    finished = broker.wait_for(protocol.HookFinished)
+    assert started.hook == finished.hook == "beforeStop" and started.pid > 0
+    assert (finished.ok, finished.exitcode, finished.error) == (True, 0, "")
+    assert 0 < finished.duration_ms < 5000
+    assert f"out: beforeStop v0.73.0 120 {folder} --flag two words" in broker.output()
+    assert "err: /srv/visor/genesis -> /srv/visor/v0.73.0 /srv/visor PATH=set" in broker.stderr.read_text()
+    assert_group_ends(started.pid)
+
+
+def test_a_failing_hook_reports_its_exit_code(broker, folder):
+    run(broker, script(folder, "fail", "exit 3\n"))
+    started = broker.wait_for(protocol.HookStarted)
+    finished = broker.wait_for(protocol.HookFinished)
+    assert (finished.ok, finished.exitcode, finished.error) == (False, 3, "exited with code 3")
+    assert_group_ends(started.pid)
+
+
+def test_a_hook_killed_by_a_signal_reports_it(broker, folder):
+    run(broker, script(folder, "killed", "kill -KILL $$\n"))
+    finished = broker.wait_for(protocol.HookFinished)
+    assert (finished.ok, finished.exitcode) == (False, -9)
+    assert finished.error == "exited with code -9 (killed by SIGKILL)"
+
+
+def test_what_a_hook_leaves_in_the_background_is_killed_when_it_exits(broker, folder):
+    run(broker, script(folder, "bg", "sleep 300 &\necho $! > bg.pid\nexit 0\n"))
+    started = broker.wait_for(protocol.HookStarted)
+    assert broker.wait_for(protocol.HookFinished).ok
+    assert_group_ends(started.pid)
+
+
+@pytest.mark.timeout(30)
+def test_a_hung_hook_is_killed_whole_at_its_timeout(broker, folder):
+    # it ignores SIGTERM, and so does the child it left in the background: only SIGKILL ends them
+    run(broker, script(folder, "hung", "trap '' TERM\nsleep 300 &\nsleep 300\n"), timeout_s=0.5)
+    started = broker.wait_for(protocol.HookStarted)
+    finished = broker.wait_for(protocol.HookFinished, timeout_s=0.5 + KILL_AFTER_S + 5)
+    assert (finished.ok, finished.exitcode, finished.error) == (False, None, "timed out after 0.5 s")
+    assert 0.5 + KILL_AFTER_S <= finished.duration_ms / 1000 < 0.5 + KILL_AFTER_S + 3
+    assert_group_ends(started.pid)
+    # heartbeats went on while it ran (the link is served between the hook's deadlines)
+    assert broker.proc.poll() is None
+
+
+def test_a_hung_hook_that_obeys_sigterm_ends_at_once(broker, folder):
+    run(broker, script(folder, "slow", "sleep 300 &\nsleep 300\n"), timeout_s=0.3)
+    started = broker.wait_for(protocol.HookStarted)
+    finished = broker.wait_for(protocol.HookFinished)
+    assert finished.error == "timed out after 0.3 s" and finished.duration_ms < 3000
+    assert_group_ends(started.pid)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda folder: str(folder / "missing"), "No such file or directory"),
+    (lambda folder: str((folder / "plain").write_text("#!/bin/sh\n") and folder / "plain"), "Permission denied"),
+])
+def test_a_hook_that_cannot_start_fails_without_starting(broker, folder, make, why):
+    path = make(folder)
+    run(broker, path)
+    finished = broker.wait_for(protocol.HookFinished)
+    assert (finished.ok, finished.exitcode) == (False, None)
+    assert finished.error == f"cannot start {path}: {why}"
+    assert not [m for m in broker.received if isinstance(m, protocol.HookStarted)]
+
+
+def test_a_second_hook_while_one_runs_is_refused(broker, folder):
+    run(broker, script(folder, "long", "sleep 300\n"), hook="afterStop")
+    started = broker.wait_for(protocol.HookStarted)
+    run(broker, script(folder, "other", "exit 0\n"), hook="afterStart")
+    refused = broker.wait_for(protocol.HookFinished)
+    assert (refused.hook, refused.ok, refused.error) == ("afterStart", False, "another hook is running")
+    broker.send(protocol.Shutdown())
+    assert broker.wait_for(protocol.HookFinished).hook == "afterStop"
+    assert broker.proc.wait(5) == 0
+    assert_group_ends(started.pid)
+
+
+def test_shutdown_mid_hook_ends_the_hook_and_everything_it_started(broker, folder):
+    run(broker, script(folder, "stubborn", "trap '' TERM\nsleep 300 &\nsleep 300\n"))
+    started = broker.wait_for(protocol.HookStarted)
+    began = time.monotonic()
+    broker.send(protocol.Shutdown())
+    finished = broker.wait_for(protocol.HookFinished)
+    assert (finished.ok, finished.exitcode) == (False, None) and "shutting down" in finished.error
+    assert broker.proc.wait(5) == 0 and time.monotonic() - began < 5
+    assert_group_ends(started.pid)
+
+
+def test_when_the_broker_dies_mid_hook_the_worker_ends_the_hook_and_leaves(folder):
+    stand_in = subprocess.Popen(["sleep", "300"])       # the worker's "broker": its death is the signal
+    broker = FakeBroker(folder, "workers.hooks", "hooks", broker_pid=stand_in.pid)
+    try:
+        run(broker, script(folder, "long", "sleep 300 &\nsleep 300\n"))
+        started = broker.wait_for(protocol.HookStarted)
+        stand_in.kill()
+        stand_in.wait(5)
+        assert broker.proc.wait(5) == 0
+        assert_group_ends(started.pid)
+    finally:
+        stand_in.kill()
+        stand_in.wait(5)
+        broker.close()

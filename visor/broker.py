@@ -223,6 +223,8 @@ class Broker:
                     current_run_config=str(self.run_config.folder / "run-config.toml"), settings=self.cfg.fields()))
             case st.Prefetch(tag=tag, folder=folder) if self.cfg.auto_install or (self.home.root / folder).exists():
                 self._execute(st.Prepare(tag, folder, fetch=self.cfg.auto_install))
+            case st.Prefetch(tag=tag, folder=folder):    # not there yet: look again later (an operator drops it in)
+                self.feed(p.FolderBlocked(tag=tag, folder=folder, reason=f"{self.home.root / folder}: not found"))
             case st.QuerySegment():
                 dn = self.run_config.data_node
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))

@@ -64,6 +64,7 @@ class State:
     blocked_reason: str = ""
     last_upgrade: Mapping[str, Any] | None = None
     prefetch_failures: int = 0
+    accepted_ready: bool = False     # the accepted release's folder was made ready and verified
 
 
 # --- facts the broker feeds in (besides worker reports from protocol) ---------------------------
@@ -187,7 +188,10 @@ def step(s: State, fact: Any, cfg: VisorConfig, now: float) -> Result:
                 [*emit, Schedule("retry-upgrade", UPGRADE_RETRY_S)]
         case p.FolderBlocked(tag=tag) if s.accepted and s.accepted[0] == tag and not s.upgrade:
             delay = PREFETCH_BACKOFF_S[min(s.prefetch_failures, len(PREFETCH_BACKOFF_S) - 1)]
-            return replace(s, prefetch_failures=s.prefetch_failures + 1), [Schedule("prefetch", delay)]
+            return replace(s, prefetch_failures=s.prefetch_failures + 1, accepted_ready=False), \
+                [Schedule("prefetch", delay)]
+        case p.FolderReady(tag=tag) if s.accepted and s.accepted[0] == tag and not s.upgrade:
+            return replace(s, accepted_ready=True), []
         case Timer(name="retry-upgrade") if s.phase is Phase.BLOCKED and s.upgrade:
             return s, [Prepare(s.upgrade.tag, s.upgrade.folder, cfg.auto_install)]
         case Timer(name="prefetch") if s.accepted and not s.upgrade:
@@ -297,7 +301,7 @@ def _on_status(s: State, fact: p.UpgradeStatus, cfg: VisorConfig) -> Result:
     s = replace(s, first_budget=False, rpc_failures=0)
     actions: list[Action] = []
     if fact.tag and s.accepted != (fact.tag, fact.height):
-        s = replace(s, accepted=(fact.tag, fact.height), prefetch_failures=0)
+        s = replace(s, accepted=(fact.tag, fact.height), prefetch_failures=0, accepted_ready=False)
         actions.append(Emit.of("upgrade.accepted", tag=fact.tag, height=fact.height))
         if not fact.ready:       # fetch it (auto-install) or verify it now, long before the height
             actions.append(Prefetch(fact.tag, folder_name(fact.tag, cfg)))
@@ -326,7 +330,7 @@ def _on_rpc_failed(s: State, error: str, cfg: VisorConfig, now: float) -> Result
 def _on_folder_ready(s: State, cfg: VisorConfig) -> Result:
     u = s.upgrade
     started = Emit.of("upgrade.started", tag=u.tag, height=u.height, folder=u.folder)
-    s = replace(s, phase=Phase.UPGRADING, blocked_reason="")
+    s = replace(s, phase=Phase.UPGRADING, blocked_reason="", accepted_ready=bool(s.accepted and s.accepted[0] == u.tag))
     if cfg.stop_delay_s > 0:
         return replace(s, upgrade=replace(u, step=Step.WAITING)), [started, Schedule("stop", cfg.stop_delay_s)]
     state, actions = _stop_all(replace(s, upgrade=replace(u, step=Step.STOPPING)), cfg)

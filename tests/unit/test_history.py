@@ -5,6 +5,11 @@ import io
 import json
 import logging
 import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -173,3 +178,59 @@ def test_the_cli_says_what_is_wrong_with_a_duration_or_a_home(tmp_path):
     assert done.stderr == "visor: --since 'yesterday': not a duration; use a number and a unit: 90s, 15m, 2h or 7d\n"
     done = run_cli("events", "--home", tmp_path / "nope", "--no-follow")
     assert done.returncode == 1 and done.stderr == f"visor: {tmp_path / 'nope'}: home folder not found\n"
+
+
+class _Dropped:
+    def send_multipart(self, *_args, **_kwargs):
+        pass                                     # recorded, never sent: what a subscription not yet in effect misses
+
+    def close(self, **_kwargs):
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_following_fills_a_gap_in_the_live_stream_from_the_history_and_prints_nothing_twice():
+    root = Path(tempfile.mkdtemp(prefix="vt", dir="/tmp"))     # short: an ipc path
+    (root / "config.toml").write_text("")
+    (root / ".visor").mkdir()
+    ctx = zmq.Context()
+    pub = Publisher(ctx, Home(root).endpoint("events"), History(root / ".visor" / "events.jsonl", 1_000_000))
+    out = io.StringIO()
+
+    def shown():
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def publish():
+        try:
+            publish_with_a_gap()
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)         # ends print_events, in the main thread
+
+    def publish_with_a_gap():
+        for n in range(3):
+            pub.emit("worker.started", worker="fetcher", pid=n)
+        wait_until(lambda: len(shown()) >= 3, what="the history printed")
+        live, pub._pub = pub._pub, _Dropped()
+        for n in range(3):
+            pub.emit("rpc.unreachable", attempt=n, max=10, error="missed")
+        pub._pub = live
+        wait_until(lambda: pub.emit("upgrade.accepted", tag="v2", height=1) or "v2" in out.getvalue(),
+                   what="a live event printed")
+        pub.emit("upgrade.ready", tag="v2", height=1)
+        wait_until(lambda: len(shown()) == len(list(read_history(root / ".visor"))), what="everything printed")
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        assert print_events(Home(root), True, 3600, follow=True, out=out) == 0
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        thread.join(10)
+        history = list(read_history(root / ".visor"))
+        pub.close()
+        ctx.destroy(linger=0)
+        shutil.rmtree(root, ignore_errors=True)
+    assert shown() == history and history[-1]["type"] == "upgrade.ready"
+    assert [e["error"] for e in history if e["type"] == "rpc.unreachable"] == ["missed"] * 3

@@ -2,6 +2,7 @@
 across daemon runs and a rotation, the seam between history and live stream, a history that cannot be
 written, and the story of an overnight upgrade told the next morning."""
 
+import contextlib
 import json
 import os
 import signal
@@ -123,19 +124,36 @@ def test_a_history_that_cannot_be_written_costs_only_the_history(home, daemon, e
     if how == "full disk":
         path.symlink_to("/dev/full")                      # every write fails with ENOSPC
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes to a read-only file")
         path.write_text("")
         path.chmod(0o444)
-    home.stage("v0.73.0", "v0.73.0")
-    daemon.start()
-    daemon.wait_running()
-    home.announce("v0.73.0", 120, ready=True)             # the node keeps being carried through upgrades
-    events.wait_for("upgrade.completed", tag="v0.73.0", timeout_s=20)
-    assert daemon.stop() == 0
+    with read_only_for_root(path):
+        home.stage("v0.73.0", "v0.73.0")
+        daemon.start()
+        daemon.wait_running()
+        home.announce("v0.73.0", 120, ready=True)         # the node keeps being carried through upgrades
+        events.wait_for("upgrade.completed", tag="v0.73.0", timeout_s=20)
+        assert daemon.stop() == 0
     warnings = [line for line in daemon.stderr.splitlines() if "event history" in line]
     assert len(warnings) == 1 and str(path) in warnings[0], daemon.stderr
     assert since(home) == []
+
+
+@contextlib.contextmanager
+def read_only_for_root(path):
+    """Root writes to a file whatever its mode: a read-only bind mount of it stops even root."""
+    if os.geteuid() != 0 or path.is_symlink():
+        yield
+        return
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, text=True)
+    if done.returncode == 0:
+        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        subprocess.run(["umount", str(path)], capture_output=True)
+        pytest.skip(f"root writes to a read-only file, and a read-only bind mount failed: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_the_morning_after_an_upgrade_the_whole_story_is_there(home, daemon):

@@ -130,9 +130,9 @@ def print_events(home: Home, as_json: bool, since_s: float | None, follow: bool,
 
 
 def _subscribe(home: Home) -> zmq.Socket:
+    """The default high-water mark: whatever a slow reader loses past it is filled in from the history."""
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)       # while the history is printed, live events wait here, all of them
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(events_endpoint(home))
     return sock

@@ -109,12 +109,25 @@ def read_history(runtime: Path, since_ts: float = 0.0) -> Iterator[dict]:
     for fd in _open_both(runtime / FILE_NAME):
         with open(fd, "rb") as f:
             for line in f:
+                if _ts_before(line, since_ts):
+                    continue                 # most of a long history: not worth decoding
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue
                 if isinstance(event, dict) and isinstance(event.get("ts"), (int, float)) and event["ts"] >= since_ts:
                     yield event
+
+
+def _ts_before(line: bytes, since_ts: float) -> bool:
+    """True when the line's ts, read without decoding the line, is before since_ts."""
+    start = line.find(b'"ts":')
+    if start < 0:
+        return False
+    try:
+        return float(line[start + 5:line.find(b",", start)]) < since_ts
+    except ValueError:
+        return False
 
 
 def _open_both(path: Path) -> list[int]:

@@ -116,11 +116,15 @@ def print_events(home: Home, as_json: bool, since_s: float | None, follow: bool,
     # a plain follow prints nothing from before it began; --no-follow alone prints the whole history
     seen = _Printed(as_json, out, since_ts=now - since_s if since_s is not None else now if follow else 0.0)
     sock = _subscribe(home) if follow else None
+    stopped: list[bool] = []
+    if follow:                           # SIGINT ends a follow with exit 0, also while the history prints
+        signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
+        signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
     try:
         if since_s is not None or not follow:
-            _catch_up(home, seen)
+            _catch_up(home, seen, stopped=stopped)
         if sock is not None:
-            _follow(sock, home, seen)
+            _follow(sock, home, seen, stopped)
     except BrokenPipeError:              # `visor events ... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
     finally:
@@ -138,17 +142,14 @@ def _subscribe(home: Home) -> zmq.Socket:
     return sock
 
 
-def _follow(sock: zmq.Socket, home: Home, seen: _Printed) -> None:
-    stopped = []
-    signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
-    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+def _follow(sock: zmq.Socket, home: Home, seen: _Printed, stopped: list[bool]) -> None:
     began = time.monotonic()
     rechecks = [began + s for s in RECHECK_AFTER_S]
     while not stopped:
         if not sock.poll(200):
             if rechecks and time.monotonic() >= rechecks[0]:
                 rechecks.pop(0)
-                _catch_up(home, seen)
+                _fill_in(home, seen)
             continue
         frames = sock.recv_multipart()
         try:
@@ -158,14 +159,23 @@ def _follow(sock: zmq.Socket, home: Home, seen: _Printed) -> None:
         if not isinstance(event, dict) or seen.printed(event):
             continue
         if seen.last is None or event.get("seq") != seen.last.get("seq", 0) + 1:
-            _catch_up(home, seen, until=event)
+            _fill_in(home, seen, until=event)
         seen.show(event)
 
 
-def _catch_up(home: Home, seen: _Printed, until: dict | None = None) -> None:
+def _fill_in(home: Home, seen: _Printed, until: dict | None = None) -> None:
+    try:
+        _catch_up(home, seen, until)
+    except VisorError:
+        pass                             # an unreadable history: the live stream alone, as without one
+
+
+def _catch_up(home: Home, seen: _Printed, until: dict | None = None, stopped: list[bool] = ()) -> None:
     """Prints the recorded events not printed yet, from the last one printed on, up to `until`."""
     since_ts = seen.last.get("ts", 0.0) if seen.last else seen.since_ts
     for event in read_history(home.runtime, since_ts):
+        if stopped:
+            return
         if until is not None and (_key(event) == _key(until) or event["ts"] > until.get("ts", 0.0)):
             return
         seen.show(event)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from visor.errors import VisorError
 
-log = logging.getLogger("visor.events")
+log = logging.getLogger(__name__)     # not visor.events: that logger has one line per event
 
 FILE_NAME = "events.jsonl"
 RETRY_S = 60.0                   # after a failed write, the file is tried again this often (silently)

@@ -178,3 +178,16 @@ def test_the_morning_after_an_upgrade_the_whole_story_is_there(home, daemon):
     assert " visor.started " in lines[0] and " visor.stopped " in lines[-1]
     stops = [i for i, line in enumerate(lines) if " binary.exited " in line]
     assert lines.index(story[2]) < stops[0] < lines.index(story[3])    # the old node went down in between
+
+
+def test_the_history_limit_is_hot_reloaded(home, daemon, events):
+    home.set_config(maxNumberOfRestartConnectionRetries=100000)
+    daemon.start()
+    daemon.wait_running()
+    home.set_config(maxNumberOfRestartConnectionRetries=100000, eventsHistoryMaxBytes=2000)
+    events.wait_for("config.reloaded")
+    home.announce(reply="error")                          # ten events a second
+    older = home.root / ".visor" / "events.jsonl.1"
+    wait_until(older.exists, what="a rotation at the new limit", timeout_s=20)
+    assert older.stat().st_size <= 2000 and (home.root / ".visor" / "events.jsonl").stat().st_size <= 2000
+    assert daemon.stop() == 0

@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -103,7 +104,7 @@ def test_a_full_disk_costs_the_history_with_one_warning(tmp_path, caplog, monkey
     path = tmp_path / "events.jsonl"
     path.symlink_to("/dev/full")                 # every write fails with ENOSPC, as on a full disk
     h = History(path, 10_000)
-    with caplog.at_level(logging.DEBUG, logger="visor.events"):
+    with caplog.at_level(logging.DEBUG, logger="visor.history"):
         emit_n(h, 5)
         monkeypatch.setattr(history, "RETRY_S", 0.0)      # retried, and failing again, without a word
         emit_n(h, 5)
@@ -117,7 +118,7 @@ def test_a_history_that_becomes_writable_again_is_resumed(tmp_path, caplog, monk
     path = tmp_path / "events.jsonl"
     path.mkdir()                                 # cannot be opened for writing, whoever we are
     h = History(path, 10_000)
-    with caplog.at_level(logging.INFO, logger="visor.events"):
+    with caplog.at_level(logging.INFO, logger="visor.history"):
         emit_n(h, 2)
         path.rmdir()
         emit_n(h, 1, first_seq=3, ts=1003.0)     # before RETRY_S: not even tried
@@ -167,7 +168,7 @@ def test_the_cli_without_a_daemon_or_a_history(tmp_path):
     h = History(tmp_path / ".visor" / "events.jsonl", 10_000)
     old = {"v": 1, "type": "visor.started", "ts": 1000.0, "seq": 1, "pid": os.getpid(), "home": str(tmp_path)}
     h.append(old)
-    h.append(recent := {**old, "type": "visor.stopped", "seq": 2, "ts": __import__("time").time() - 60})
+    h.append(recent := {**old, "type": "visor.stopped", "seq": 2, "ts": time.time() - 60})
     done = run_cli("events", "--home", tmp_path, "--since", "15m", "--no-follow", "--json")
     assert done.returncode == 0 and [json.loads(line) for line in done.stdout.splitlines()] == [recent]
 

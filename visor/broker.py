@@ -22,6 +22,7 @@ from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
 from visor.binaries import Binaries, become_subreaper, end_leftovers
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
+from visor.history import FILE_NAME as HISTORY_FILE, History
 from visor.home import Home, read_memory, switch_current, write_memory
 from visor.logs import setup_logging
 from visor.notify import Notifier
@@ -66,7 +67,8 @@ class Broker:
         end_leftovers(memory.get("binaries") or {}, self.cfg.stop_timeout_s)
         become_subreaper()
         self.sockets = Sockets(self.home.endpoint("broker"), self.home.endpoint("control"),
-                               self.home.events_endpoint(self.cfg))
+                               self.home.events_endpoint(self.cfg),
+                               History(self.home.runtime / HISTORY_FILE, self.cfg.events_history_max_bytes))
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
         folder = self.home.current_folder().name
@@ -215,6 +217,8 @@ class Broker:
                     current_run_config=str(self.run_config.folder / "run-config.toml"), settings=self.cfg.fields()))
             case st.Prefetch(tag=tag, folder=folder) if self.cfg.auto_install or (self.home.root / folder).exists():
                 self._execute(st.Prepare(tag, folder, fetch=self.cfg.auto_install))
+            case st.Prefetch(tag=tag, folder=folder):    # not there yet: look again later (an operator drops it in)
+                self.feed(p.FolderBlocked(tag=tag, folder=folder, reason=f"{self.home.root / folder}: not found"))
             case st.QuerySegment():
                 dn = self.run_config.data_node
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))
@@ -412,6 +416,7 @@ class Broker:
         if "logLevel" in changed or "logFormat" in changed:
             setup_logging(new.log_format, new.log_level)
             self.pool.log_level = new.log_level      # workers started from now on
+        self.sockets.events.history.max_bytes = new.events_history_max_bytes
         pending = [key for key in new.changed_keys(self.cfg) if key in RESTART_ONLY]
         if "upgradeStatusIntervalMilliseconds" in changed:
             self._watch()

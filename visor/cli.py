@@ -32,8 +32,10 @@ def cmd_status(opts) -> int:
 
 
 def cmd_events(opts) -> int:
-    from visor.control import follow_events
-    return follow_events(Home(Path(opts.home).absolute()), opts.json)
+    from visor.control import print_events
+    from visor.history import parse_duration
+    since_s = parse_duration(opts.since) if opts.since is not None else None
+    return print_events(Home(Path(opts.home).absolute()), opts.json, since_s, follow=not opts.no_follow)
 
 
 def cmd_fetch(opts) -> int:
@@ -98,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     _home_arg(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
-    events = sub.add_parser("events", help="follow the event stream until interrupted")
+    events = sub.add_parser("events", help="print the recorded events, follow the event stream until interrupted")
     _home_arg(events)
     events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument("--since", metavar="DURATION",
+                        help="first print the recorded events of the last DURATION (90s, 15m, 2h, 7d)")
+    events.add_argument("--no-follow", action="store_true",
+                        help="print the recorded events (all of them without --since) and exit")
     events.set_defaults(func=cmd_events)
     fetch = sub.add_parser("fetch", help="prepare the folder of a release ahead of its upgrade")
     _home_arg(fetch)

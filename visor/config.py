@@ -36,6 +36,8 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
         "how often the core node is asked for its upgrade status"),
     "eventsEndpoint": ("events_endpoint", str, "",
         "ZeroMQ endpoint of the event stream; empty means ipc://HOME/.visor/events.sock"),
+    "eventsHistoryMaxBytes": ("events_history_max_bytes", int, 10485760,
+        "size at which .visor/events.jsonl is renamed to events.jsonl.1 and begun anew; 0 keeps no history"),
     "eventsAllowRemote": ("events_allow_remote", bool, False,
         "allow a tcp:// eventsEndpoint on an address other than loopback (anyone who reaches it can listen)"),
     "metricsListen": ("metrics_listen", str, "",
@@ -71,6 +73,7 @@ class VisorConfig:
     status_interval_ms: int = 1000
     events_endpoint: str = ""
     events_allow_remote: bool = False
+    events_history_max_bytes: int = 10485760
     metrics_listen: str = ""
     log_format: str = "text"
     log_level: str = "INFO"

@@ -1,11 +1,14 @@
-"""The CLI side of `visor status` and `visor events`: asks the broker, follows the event stream.
+"""The CLI side of `visor status` and `visor events`: asks the broker, follows the event stream, prints
+the event history.
 
-It talks to a running daemon only through its sockets in H/.visor; it never reads the broker's state.
+It talks to a running daemon only through its sockets in H/.visor and reads the history file there;
+it never reads the broker's state and never writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -15,8 +18,12 @@ import zmq
 
 from visor import protocol as p
 from visor.config import load_visor_config
-from visor.errors import ConfigError, VisorError
+from visor.errors import ConfigError, HomeError, VisorError
+from visor.history import read_history
 from visor.home import Home
+
+
+RECHECK_AFTER_S = (1.0, 5.0)     # by then a new subscription is in effect: what it missed is in the history
 
 
 def ask_status(home: Home, timeout_s: float = 2.0) -> dict:
@@ -94,27 +101,108 @@ def _plain(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) or value is None else str(value)
 
 
-def follow_events(home: Home, as_json: bool, out=sys.stdout) -> int:
-    """Prints one line per event until SIGINT (exit 0)."""
-    endpoint = events_endpoint(home)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.SUB)
+def print_events(home: Home, as_json: bool, since_s: float | None, follow: bool, out=sys.stdout) -> int:
+    """`visor events`: the recorded history from `since_s` ago (all of it with --no-follow alone), then,
+    when following, the live stream until SIGINT (exit 0).
+
+    The live stream is subscribed to before the history is read. Every event is recorded before it is
+    sent, so whatever a subscription that is not yet in effect misses is in the history: when a live
+    event does not follow the last one printed (a gap in `seq`, or a new run of Visor), and once the
+    subscription has surely taken effect, the history is read again from the last event printed.
+    What both carry is printed once, in the order it was published."""
+    if not home.root.is_dir():
+        raise HomeError(f"{home.root}: home folder not found")
+    now = time.time()
+    # a plain follow prints nothing from before it began; --no-follow alone prints the whole history
+    seen = _Printed(as_json, out, since_ts=now - since_s if since_s is not None else now if follow else 0.0)
+    sock = _subscribe(home) if follow else None
+    stopped: list[bool] = []
+    if follow:                           # SIGINT ends a follow with exit 0, also while the history prints
+        signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
+        signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    try:
+        if since_s is not None or not follow:
+            _catch_up(home, seen, stopped=stopped)
+        if sock is not None:
+            _follow(sock, home, seen, stopped)
+    except BrokenPipeError:              # `visor events ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
+    finally:
+        if sock is not None:
+            sock.close()
+    return 0
+
+
+def _subscribe(home: Home) -> zmq.Socket:
+    """The default high-water mark: whatever a slow reader loses past it is filled in from the history."""
+    sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(endpoint)
-    stopped = []
-    signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
-    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    sock.connect(events_endpoint(home))
+    return sock
+
+
+def _follow(sock: zmq.Socket, home: Home, seen: _Printed, stopped: list[bool]) -> None:
+    began = time.monotonic()
+    rechecks = [began + s for s in RECHECK_AFTER_S]
+    while not stopped:
+        if not sock.poll(200):
+            if rechecks and time.monotonic() >= rechecks[0]:
+                rechecks.pop(0)
+                _fill_in(home, seen)
+            continue
+        frames = sock.recv_multipart()
+        try:
+            event = msgpack.unpackb(frames[-1], raw=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            continue
+        if not isinstance(event, dict) or seen.printed(event):
+            continue
+        if seen.last is None or event.get("seq") != seen.last.get("seq", 0) + 1:
+            _fill_in(home, seen, until=event)
+        seen.show(event)
+
+
+def _fill_in(home: Home, seen: _Printed, until: dict | None = None) -> None:
     try:
-        while not stopped:
-            if not sock.poll(200):
-                continue
-            frames = sock.recv_multipart()
-            try:
-                body = msgpack.unpackb(frames[-1], raw=False)
-            except (ValueError, msgpack.ExtraData, msgpack.FormatError):
-                continue
-            print(json.dumps(body, separators=(",", ":")) if as_json else render_event(body), file=out, flush=True)
-    finally:
-        sock.close()
-    return 0
+        _catch_up(home, seen, until)
+    except VisorError:
+        pass                             # an unreadable history: the live stream alone, as without one
+
+
+def _catch_up(home: Home, seen: _Printed, until: dict | None = None, stopped: list[bool] = ()) -> None:
+    """Prints the recorded events not printed yet, from the last one printed on, up to `until`."""
+    since_ts = seen.last.get("ts", 0.0) if seen.last else seen.since_ts
+    for event in read_history(home.runtime, since_ts):
+        if stopped:
+            return
+        if until is not None and (_key(event) == _key(until) or event["ts"] > until.get("ts", 0.0)):
+            return
+        seen.show(event)
+
+
+def _key(event: dict) -> tuple:
+    return event.get("seq"), event.get("ts")     # one run never repeats a seq; runs differ in ts
+
+
+class _Printed:
+    """Prints each event once, remembering the last KEEP it printed."""
+    KEEP = 100_000
+
+    def __init__(self, as_json: bool, out, since_ts: float):
+        self.as_json, self.out, self.since_ts = as_json, out, since_ts
+        self.keys: dict[tuple, None] = {}        # insertion-ordered: the oldest is dropped first
+        self.last: dict | None = None
+
+    def printed(self, event: dict) -> bool:
+        return _key(event) in self.keys
+
+    def show(self, event: dict) -> None:
+        if self.printed(event):
+            return
+        self.keys[_key(event)] = None
+        if len(self.keys) > self.KEEP:
+            del self.keys[next(iter(self.keys))]
+        self.last = event
+        line = json.dumps(event, separators=(",", ":")) if self.as_json else render_event(event)
+        print(line, file=self.out, flush=True)

@@ -1,6 +1,7 @@
 """Every event Visor publishes (SPEC §5), in one table, and the Publisher that sends them.
 
-Events are facts for operators and tools; nothing inside Visor reacts to them. A subscriber that
+Events are facts for operators and tools; nothing inside Visor reacts to them. Each is also recorded
+in the event history (visor/history.py) before it is sent. A subscriber that
 stalls only misses events: sends never block, and the high-water mark bounds what is queued for it.
 """
 
@@ -12,6 +13,8 @@ import time
 
 import msgpack
 import zmq
+
+from visor.history import History
 
 log = logging.getLogger("visor.events")
 
@@ -47,7 +50,8 @@ CLOSE_LINGER_MS = 300
 
 
 class Publisher:
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, history: History | None = None):
+        self.history = history           # every event is appended to it before it is sent
         self._pub = ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, SNDHWM)
         self._pub.setsockopt(zmq.LINGER, 0)
@@ -65,6 +69,8 @@ class Publisher:
         log.log(logging.DEBUG if type_ in QUIET else logging.INFO, "%s %s", type_,
                 " ".join(f"{k}={v}" for k, v in fields.items()),
                 extra={"event": type_, "seq": self._seq, "fields": fields})
+        if self.history is not None:
+            self.history.append(body)   # first: a subscriber that hears of it finds it recorded
         try:
             self._pub.send_multipart([type_.encode("ascii"), msgpack.packb(body)], zmq.NOBLOCK)
         except zmq.Again:
@@ -74,3 +80,5 @@ class Publisher:
         # Not linger 0: a subscriber whose publisher vanishes halfway through a two-frame message can
         # abort inside libzmq (zeromq/libzmq#3442). Let what is in flight finish; a stalled one is cut.
         self._pub.close(linger=CLOSE_LINGER_MS)
+        if self.history is not None:
+            self.history.close()

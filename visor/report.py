@@ -21,7 +21,8 @@ def status(s: State, cfg: VisorConfig, run_config: RunConfig, binaries: dict, po
         "workers": {w.name: {"pid": w.pid, "restarts": w.restarts, "alive": w.alive}
                     for w in pool.workers.values() if not w.retired},
         "upgrade": {
-            "accepted": {"tag": s.accepted[0], "height": s.accepted[1]} if s.accepted else None,
+            "accepted": {"tag": s.accepted[0], "height": s.accepted[1], "folder_ready": s.accepted_ready}
+            if s.accepted else None,
             "last": dict(s.last_upgrade) if s.last_upgrade else None,
             "target": {"tag": u.tag, "height": u.height, "folder": u.folder, "step": u.step.value} if u else None,
             "blocked": s.blocked_reason or None,

@@ -18,6 +18,7 @@ import zmq
 
 from visor import protocol as p
 from visor.events import Publisher
+from visor.history import History
 
 log = logging.getLogger("visor")
 BATCH = 100                      # frames read from one socket per turn of the loop
@@ -33,12 +34,13 @@ def remove_stale(endpoint: str) -> None:
 
 
 class Sockets:
-    def __init__(self, worker_endpoint: str, control_endpoint: str, events_endpoint: str):
+    def __init__(self, worker_endpoint: str, control_endpoint: str, events_endpoint: str,
+                 history: History | None = None):
         self.ctx = zmq.Context()
         self.workers = self._bind(zmq.ROUTER, worker_endpoint)
         self.control = self._bind(zmq.ROUTER, control_endpoint)
         remove_stale(events_endpoint)
-        self.events = Publisher(self.ctx, events_endpoint)
+        self.events = Publisher(self.ctx, events_endpoint, history)
         self.wake, wake_w = socket.socketpair()
         for end in (self.wake, wake_w):
             end.setblocking(False)

@@ -79,6 +79,7 @@ class State:
     blocked_reason: str = ""
     last_upgrade: Mapping[str, Any] | None = None
     prefetch_failures: int = 0
+    accepted_ready: bool = False     # the accepted release's folder was made ready and verified
 
 
 Result = tuple[State, list[Action]]
@@ -117,7 +118,10 @@ def step(s: State, fact: Any, cfg: VisorConfig, now: float) -> Result:
             return _blocked(s, why)      # UPGRADING -> BLOCKED: nothing was stopped
         case p.FolderBlocked(tag=tag) if s.accepted and s.accepted[0] == tag and not u:
             delay = PREFETCH_BACKOFF_S[min(s.prefetch_failures, len(PREFETCH_BACKOFF_S) - 1)]
-            return replace(s, prefetch_failures=s.prefetch_failures + 1), [Schedule("prefetch", delay)]
+            return replace(s, prefetch_failures=s.prefetch_failures + 1, accepted_ready=False), \
+                [Schedule("prefetch", delay)]
+        case p.FolderReady(tag=tag) if s.accepted and s.accepted[0] == tag and not u:
+            return replace(s, accepted_ready=True), []
         case p.HookFinished() if u and u.step.value == fact.hook:
             return _on_hook_finished(s, fact, cfg, now)
         case Timer(name="retry-upgrade") if s.phase is Phase.BLOCKED and u and u.step is Step.PREPARING:
@@ -317,7 +321,7 @@ def _on_status(s: State, fact: p.UpgradeStatus, cfg: VisorConfig, now: float) ->
     if not fact.tag:
         s = replace(s, accepted=None)                # nothing accepted (any more)
     elif s.accepted != (fact.tag, fact.height) and fact.tag != done:
-        s = replace(s, accepted=(fact.tag, fact.height), prefetch_failures=0)
+        s = replace(s, accepted=(fact.tag, fact.height), prefetch_failures=0, accepted_ready=False)
         actions.append(Emit.of("upgrade.accepted", tag=fact.tag, height=fact.height))
         if not fact.ready:       # fetch it (auto-install) or verify it now, long before the height
             actions.append(Prefetch(fact.tag, cfg.folder_for(fact.tag)))
@@ -346,7 +350,7 @@ def _on_rpc_failed(s: State, error: str, cfg: VisorConfig, now: float) -> Result
 
 
 def _on_folder_ready(s: State, cfg: VisorConfig, now: float) -> Result:
-    s = replace(s, phase=Phase.UPGRADING)
+    s = replace(s, phase=Phase.UPGRADING, accepted_ready=bool(s.accepted and s.accepted[0] == s.upgrade.tag))
     if cfg.hook("beforeStop"):   # the folder is ready and verified; the old binaries still run
         return _run_hook(s, "beforeStop", now)
     return _stop_after_delay(replace(s, blocked_reason=""), cfg, now)

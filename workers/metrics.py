@@ -123,21 +123,29 @@ def _upgrade_families(u: dict):
     from prometheus_client.core import GaugeMetricFamily
     accepted = GaugeMetricFamily("visor_upgrade_accepted_height", "Block height of the release the network "
                                  "accepted and the node has not upgraded to yet", labels=["tag"])
+    ready = GaugeMetricFamily("visor_upgrade_folder_ready", "1 when the folder of the accepted release is ready "
+                              "and verified, 0 while it is not (yet)", labels=["tag"])
     if u.get("accepted"):
-        accepted.add_metric([str(u["accepted"]["tag"])], u["accepted"]["height"])
+        tag = str(u["accepted"]["tag"])
+        accepted.add_metric([tag], u["accepted"]["height"])
+        ready.add_metric([tag], 1 if u["accepted"].get("folder_ready") else 0)
     yield accepted
+    yield ready
     yield GaugeMetricFamily("visor_upgrade_blocked", "1 while an upgrade waits for its folder to be usable "
                             "(see `visor status` for why)", value=1 if u.get("blocked") else 0)
+    # declared before the first upgrade too (with no sample), so that dashboards and rules find the name
+    downtime = GaugeMetricFamily("visor_upgrade_last_downtime_seconds", "Last upgrade: from the last old binary "
+                                 "gone to the first new one started")
     if u.get("last") and u["last"].get("downtime_ms") is not None:
-        yield GaugeMetricFamily("visor_upgrade_last_downtime_seconds", "Last upgrade: from the last old binary "
-                                "gone to the first new one started", value=u["last"]["downtime_ms"] / 1000)
+        downtime.add_metric([], u["last"]["downtime_ms"] / 1000)
+    yield downtime
 
 
 class EventCounters:
     """Counters fed by the event stream (SPEC §5)."""
 
     def __init__(self, registry):
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         def counter(name, text, labels=()):
             return Counter(name, text, labels, registry=registry)
@@ -151,6 +159,8 @@ class EventCounters:
         self.restarts = counter("visor_binary_restarts", "Restarts scheduled after a binary failure "
                                 "(binary.restart_scheduled)")
         self.fetch_bytes = counter("visor_fetch_bytes", "Release bytes downloaded by auto-install, retries included")
+        self.fetch_ratio = Gauge("visor_fetch_progress_ratio", "Part of the release asset downloaded so far, "
+                                 "0 to 1 (1 once fetch.completed)", ["tag"], registry=registry)
         self.fetch_s = Histogram("visor_fetch_duration_seconds", "From fetch.started to fetch.completed or "
                                  "fetch.failed", ["outcome"], buckets=FETCH_BUCKETS_S, registry=registry)
         self.reloads = counter("visor_config_reloads", "config.toml edits applied (config.reloaded)")
@@ -174,17 +184,24 @@ class EventCounters:
 
     def _fetch(self, type_: str, key: tuple, e: dict) -> None:
         ts = float(e.get("ts") or time.time())
+        ratio = self.fetch_ratio.labels(str(key[0]))
         if type_ == "fetch.started":
             self._fetches[key] = [ts, 0]
+            ratio.set(0)
         elif type_ == "fetch.progress":
             seen = self._fetches.setdefault(key, [ts, 0])
             done = int(e.get("bytes") or 0)
             # a retried download starts again from 0: its bytes are new bytes on the wire
             self.fetch_bytes.inc(done - seen[1] if done >= seen[1] else done)
             seen[1] = done
-        elif key in self._fetches:                 # completed or failed; a start we missed is not timed
-            started, _bytes = self._fetches.pop(key)
-            self.fetch_s.labels(type_.partition(".")[2]).observe(max(0.0, ts - started))
+            if int(e.get("total") or 0) > 0:
+                ratio.set(min(1.0, done / int(e["total"])))
+        else:                                      # completed or failed
+            if type_ == "fetch.completed":
+                ratio.set(1)
+            if key in self._fetches:               # a start we missed is not timed
+                started, _bytes = self._fetches.pop(key)
+                self.fetch_s.labels(type_.partition(".")[2]).observe(max(0.0, ts - started))
 
 
 class Exporter:

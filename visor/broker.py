@@ -22,6 +22,7 @@ from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
 from visor.binaries import Binaries, become_subreaper, end_leftovers
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
+from visor.hookrun import Hooks
 from visor.history import FILE_NAME as HISTORY_FILE, History
 from visor.home import Home, read_memory, switch_current, write_memory
 from visor.logs import setup_logging
@@ -57,6 +58,7 @@ class Broker:
         self._memory_dirty = False
         self._workers_spawned = False    # the watchers are forked once the node has started
         self.notifier = Notifier()
+        self.hooks = Hooks(home.root)
         self._ready_sent = False
 
     # --- start and stop -----------------------------------------------------------------------
@@ -219,6 +221,8 @@ class Broker:
                 self._execute(st.Prepare(tag, folder, fetch=self.cfg.auto_install))
             case st.Prefetch(tag=tag, folder=folder):    # not there yet: look again later (an operator drops it in)
                 self.feed(p.FolderBlocked(tag=tag, folder=folder, reason=f"{self.home.root / folder}: not found"))
+            case st.RunHook():
+                self._run_hook(action)
             case st.QuerySegment():
                 dn = self.run_config.data_node
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))
@@ -302,6 +306,11 @@ class Broker:
                 self.feed(msg)
             case p.UpgradeStatus() | p.RpcFailed():
                 self.feed(msg)
+            case p.HookStarted():
+                if fields := self.hooks.started(msg):
+                    self.emit("hook.started", **fields)
+            case p.HookFinished():
+                self._on_hook_finished(msg)
             case p.FetchStarted(tag=tag, asset=asset):
                 self.emit("fetch.started", tag=tag, asset=asset)
             case p.FetchProgress(tag=tag, asset=asset, bytes=done, total=total):
@@ -347,6 +356,9 @@ class Broker:
         self.emit("worker.exited", worker=worker.name, pid=pid, exitcode=code)
         if worker.name.startswith("runner:"):
             self._account_for_binaries()     # its binary is now our child, or ended unreported
+        elif worker.name == "hooks" and (failed := self.hooks.worker_died(code)):
+            self.assignments.pop("hooks", None)      # a killed hook is a failed hook, retried as one
+            self._on_hook_finished(failed)
 
     def _account_for_binaries(self) -> None:
         """Reports binaries that ended with no runner to report them: reaped by us, or vanished."""
@@ -386,6 +398,23 @@ class Broker:
             self._assign("metrics", p.ServeMetrics(listen=self.cfg.metrics_listen,
                                                    events_endpoint=self.home.events_endpoint(self.cfg),
                                                    control_endpoint=self.home.endpoint("control")))
+
+    def _run_hook(self, action: st.RunHook) -> None:
+        command = self.hooks.command(action, self.cfg)
+        if isinstance(command, p.HookFinished):      # unconfigured since the decision: nothing to run
+            self.feed(command)
+            return
+        if "hooks" not in self.pool.workers or self.pool.workers["hooks"].retired:
+            self._spawn("hooks", first=command)      # spawned at the first hook, kept afterwards
+        self._assign("hooks", command)
+
+    def _on_hook_finished(self, msg: p.HookFinished) -> None:
+        if (ended := self.hooks.finished(msg)) is None:
+            return                                   # a refusal or a report about no hook we run
+        type_, fields = ended
+        self.assignments.pop("hooks", None)
+        self.emit(type_, **fields)
+        self.feed(msg)
 
     def _on_timer(self, name: str) -> None:
         if name == "spawn-workers":
@@ -458,7 +487,7 @@ class Broker:
 
     def status(self) -> dict:
         return report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
-                             str(self.home.root), os.getpid())
+                             str(self.home.root), os.getpid(), self.hooks.status())
 
 
 REPORTS = {          # what each kind of worker may tell the broker, besides Hello and Heartbeat

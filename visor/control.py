@@ -53,6 +53,8 @@ def render_status(s: dict) -> str:
              f"restarts  {s['restarts']['count']} of {s['restarts']['max']}"]
     if s.get("reason") and v["state"] in ("restarting", "stopping"):
         lines.append(f"reason    {s['reason']}")
+    if up.get("hook"):
+        lines.append(f"hook      {up['hook']['name']} running for {_ago(up['hook']['running_s'])}")
     if up.get("blocked"):
         lines.append(f"blocked   {up['blocked']}")
     if up.get("accepted"):

@@ -12,7 +12,7 @@ from visor.state import Phase, State
 
 
 def status(s: State, cfg: VisorConfig, run_config: RunConfig, binaries: dict, pool: Pool, home: str,
-           pid: int) -> dict:
+           pid: int, hook: dict | None = None) -> dict:
     u = s.upgrade
     return {
         "visor": {"pid": pid, "version": __version__, "home": home, "state": s.phase.value},
@@ -26,6 +26,7 @@ def status(s: State, cfg: VisorConfig, run_config: RunConfig, binaries: dict, po
             "last": dict(s.last_upgrade) if s.last_upgrade else None,
             "target": {"tag": u.tag, "height": u.height, "folder": u.folder, "step": u.step.value} if u else None,
             "blocked": s.blocked_reason or None,
+            "hook": hook,                # the upgrade hook running now: name, pid, running_s
         },
         "restarts": {"count": s.restarts, "max": cfg.max_restarts},
         "reason": s.reason or None,

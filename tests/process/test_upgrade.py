@@ -3,6 +3,7 @@ connection retries, restarts with a data node, and a broker killed in the middle
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -102,8 +103,26 @@ def test_first_connection_retries_spent_stop_the_node_and_exit_non_zero(home, da
     assert daemon.wait_exit(20) == 1
     assert [e["attempt"] for e in events.of("rpc.unreachable")][-1] == 4
     assert events.of("rpc.unreachable")[-1]["max"] == 3
-    assert "did not answer 4 upgrade-status calls" in events.wait_for("visor.failed")["reason"]
+    assert "did not answer upgrade-status calls for 8 s" in events.wait_for("visor.failed")["reason"]
     assert home.node_events()[-1]["event"] == "stopped"
+
+
+def test_a_busy_node_is_not_stopped_for_a_short_run_of_failed_calls(home, daemon, events):
+    # regression (issue 11): 0.4 s of HTTP 500 at a 100 ms poll, with budgets of 3, stopped the validator
+    home.set_config(maxNumberOfFirstConnectionRetries=3, maxNumberOfRestartConnectionRetries=3)
+    daemon.start()
+    node = daemon.wait_running()["binaries"]["vega"]["pid"]
+    wait_until(lambda: home.node_events("rpc"), what="the node answered once")
+    home.announce(reply="http500")
+    wait_until(lambda: events.of("rpc.unreachable"), what="a failed call")
+    failing_since = time.monotonic()
+    wait_until(lambda: time.monotonic() - failing_since > 0.5, what="half a second of failed calls")
+    home.announce()
+    answered = len(home.node_events("rpc"))
+    wait_until(lambda: len(home.node_events("rpc")) > answered + 2, what="the node answering again")
+    assert daemon.proc.poll() is None and daemon.status()["binaries"]["vega"]["pid"] == node
+    assert not events.of("visor.failed")
+    assert len([e for e in events.of("rpc.unreachable") if "HTTP 500" in e["error"]]) == 1   # one 2 s attempt
 
 
 @pytest.mark.parametrize("reply", ["garbage", "error", "http500", "close"])

@@ -1,0 +1,87 @@
+"""The broker's side of upgrade hooks: the command for the hooks worker, the one hook running, its events.
+
+state.step decides when a hook runs and what its end means; this module only turns a RunHook action
+into the worker's command (program, args, timeout, SPEC §7 environment), remembers which hook runs
+(for `visor status` and the hook.* events, which carry the upgrade's tag), and, if the hooks worker
+dies mid-hook, kills the hook's process group (it leads one: pgid == pid) and reports a failed hook,
+so that an upgrade is never left waiting on a hook nobody runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from visor import protocol as p
+from visor.config import VisorConfig
+from visor.facts import RunHook
+
+log = logging.getLogger("visor")
+
+
+@dataclass
+class Running:
+    hook: str
+    tag: str
+    pid: int | None = None       # known once the worker says HookStarted
+    started_at: float = 0.0      # wall time, for status
+
+
+class Hooks:
+    def __init__(self, home: Path):
+        self.home = home
+        self.running: Running | None = None
+
+    def command(self, action: RunHook, cfg: VisorConfig) -> p.RunHook | p.HookFinished:
+        """The worker's command; a HookFinished (failed) when the hook is no longer configured."""
+        hook = cfg.hook(action.hook)
+        if hook is None:         # removed by a reload between the decision and now: nothing to run
+            return p.HookFinished(hook=action.hook, ok=True, duration_ms=0.0)
+        self.running = Running(action.hook, action.tag, started_at=time.time())
+        env = {"VISOR_HOOK": action.hook, "VISOR_HOME": str(self.home), "VISOR_UPGRADE_TAG": action.tag,
+               "VISOR_UPGRADE_HEIGHT": str(action.height), "VISOR_FROM_FOLDER": str(self.home / action.source),
+               "VISOR_TO_FOLDER": str(self.home / action.folder)}
+        return p.RunHook(hook=action.hook, path=str(hook.program(self.home)), args=list(hook.args),
+                         timeout_s=float(hook.timeout_s), env=env, cwd=str(self.home))
+
+    def started(self, msg: p.HookStarted) -> dict | None:
+        """hook.started's fields, or None for a report about no hook we run."""
+        if self.running is None or self.running.hook != msg.hook:
+            return None
+        self.running.pid = msg.pid
+        return {"hook": msg.hook, "tag": self.running.tag, "pid": msg.pid}
+
+    def finished(self, msg: p.HookFinished) -> tuple[str, dict] | None:
+        """(event type, fields) for the end of the hook we run; None for a stray report."""
+        run = self.running
+        if run is None or run.hook != msg.hook or msg.error == "another hook is running":
+            return None
+        self.running = None
+        fields = {"hook": msg.hook, "tag": run.tag, "duration_ms": msg.duration_ms}
+        if msg.ok:
+            return "hook.completed", fields
+        return "hook.failed", {**fields, "exitcode": msg.exitcode, "error": msg.error}
+
+    def worker_died(self, exitcode: int) -> p.HookFinished | None:
+        """The hooks worker is gone: its hook's group is killed, and the hook counts as failed."""
+        run = self.running
+        if run is None:
+            return None
+        if run.pid is not None:
+            try:
+                os.killpg(run.pid, signal.SIGKILL)   # the hook is now our child (subreaper): reaped as an orphan
+            except (ProcessLookupError, PermissionError):
+                pass
+        log.warning("the hooks worker died (exit code %s) while %s ran: the hook failed", exitcode, run.hook)
+        return p.HookFinished(hook=run.hook, ok=False, duration_ms=round((time.time() - run.started_at) * 1000, 3),
+                              error=f"the hooks worker died (exit code {exitcode})")
+
+    def status(self) -> dict | None:
+        run = self.running
+        if run is None:
+            return None
+        return {"name": run.hook, "pid": run.pid, "running_s": round(time.time() - run.started_at, 1)}

@@ -51,10 +51,10 @@ def source(server: ReleaseServer, read_timeout_s: float = 1.0, **settings) -> So
 
 
 def fetch(home, src: Source, tag: str = TAG) -> list:
-    """ensure_folder as the fetcher calls it; returns the reports (Heartbeats left out)."""
+    """ensure_folder as the fetcher calls it; returns the reports."""
     reports = []
     ensure_folder(home.root / tag, tag, home.root / "genesis" / "run-config.toml", src, reports.append)
-    return [r for r in reports if not isinstance(r, protocol.Heartbeat)]
+    return reports
 
 
 def assert_nothing_left(home, tag: str = TAG) -> None:
@@ -106,7 +106,8 @@ def test_list_fallback_follows_pagination(home, server):
 def test_token_goes_to_the_api_only_and_is_never_shown(home, server, monkeypatch, caplog):
     secret = "ghp_s3cret-t0ken"
     monkeypatch.setenv("GITHUB_TOKEN", secret)
-    server.reject_auth_on_download = True                 # object storage refuses a forwarded token
+    server.download_host = "localhost"                    # the 302 to the bytes leaves the API's host ...
+    server.reject_auth_on_download = True                 # ... and object storage refuses a forwarded token
     server.fail_next = [503]                              # a retry is logged: it must not show the token
     server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
     with caplog.at_level(logging.DEBUG):
@@ -197,15 +198,52 @@ def test_a_silent_server_times_out(home, server):
     assert_nothing_left(home)
 
 
+def test_a_token_goes_only_to_the_api_origin_even_when_the_api_points_elsewhere(home, server, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_s3cret-t0ken")
+    server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
+    # the API is at "localhost"; the asset URLs it hands out name 127.0.0.1, another origin
+    fetch(home, source(server, api_url=server.url.replace("127.0.0.1", "localhost")))
+    with_token = {h["host"].partition(":")[0] for _, _, h in server.requests if "Authorization" in h}
+    assert with_token == {"localhost"} and len(server.requests) == 3   # release; asset, its bytes: no token
+
+
+def test_retry_after_is_waited_out(home, server):
+    server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
+    server.fail_next, server.retry_after = [429], "1"
+    started = time.monotonic()
+    fetch(home, source(server))
+    assert time.monotonic() - started >= 0.9 and (home.root / TAG / "vega").is_file()
+
+
+def test_a_download_stalled_past_the_read_timeout_fails_in_bounded_time(home, server):
+    data = release_zip_with_fake_vega(TAG)
+    server.add_release(TAG, {ASSET: data})
+    server.stall_after, server.stall_s = len(data) // 2, 3.0
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"no answer within 0.3s \(gave up after 3 attempts\)"):
+        fetch(home, source(server, read_timeout_s=0.3))
+    assert time.monotonic() - started < 8                 # 3 × 0.3 s and backoff; not the 3 × 3 s of stalls
+    assert len(downloads(server)) == 3
+    assert_nothing_left(home)
+
+
+def test_a_download_that_pauses_within_the_read_timeout_completes(home, server):
+    data = release_zip_with_fake_vega(TAG)
+    server.add_release(TAG, {ASSET: data})
+    server.stall_after, server.stall_s = len(data) // 2, 0.3
+    fetch(home, source(server, read_timeout_s=2.0))
+    assert len(downloads(server)) == 1 and (home.root / TAG / "vega").is_file()
+
+
 def test_a_dropped_download_is_retried(home, server):
     data = release_zip_with_fake_vega(TAG)
     server.add_release(TAG, {ASSET: data})
     server.drop_download_after = len(data) // 2
     reports = []
 
-    def report(msg):                                      # once a download was cut short, heal the server
-        reports.append(msg)
-        if isinstance(msg, protocol.Heartbeat) and downloads(server):
+    def report(msg):                                      # once a download is under way, heal the server
+        reports.append(msg)                               # (for the next request: this one is cut short)
+        if isinstance(msg, protocol.FetchProgress):
             server.drop_download_after = None
     ensure_folder(home.root / TAG, TAG, home.root / "genesis/run-config.toml", source(server), report)
     assert len(downloads(server)) == 2 and (home.root / TAG / "vega").is_file()

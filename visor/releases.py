@@ -5,7 +5,7 @@ with visor.archive, deriving the folder's run-config from the current one, verif
 and renaming it into place; also the verification of a folder that already exists. All of it
 blocks, so only the fetcher worker and `visor fetch` call it, never the broker. All work happens in
 HOME/.TAG.partial-XXXX beside the target: a crash or failure never leaves a folder that looks ready.
-Reports (Fetch*, Heartbeat) go to a callback as protocol messages. The GitHub token is sent to the
+Reports (Fetch*) go to a callback as protocol messages. The GitHub token is sent to the
 API's own host only; it is never logged and never part of an error.
 """
 

@@ -219,10 +219,14 @@ def test_a_download_stalled_past_the_read_timeout_fails_in_bounded_time(home, se
     data = release_zip_with_fake_vega(TAG)
     server.add_release(TAG, {ASSET: data})
     server.stall_after, server.stall_s = len(data) // 2, 3.0
-    started = time.monotonic()
+    started, reports = time.monotonic(), []
     with pytest.raises(FetchError, match=r"no answer within 0.3s \(gave up after 3 attempts\)"):
-        fetch(home, source(server, read_timeout_s=0.3))
+        ensure_folder(home.root / TAG, TAG, home.root / "genesis/run-config.toml",
+                      source(server, read_timeout_s=0.3), reports.append)
     assert time.monotonic() - started < 8                 # 3 × 0.3 s and backoff; not the 3 × 3 s of stalls
+    assert reports[-1] == protocol.FetchFailed(tag=TAG, asset=ASSET, error=f"{server.url}/repos/vegaprotocol/vega/"
+                                               f"releases/assets/{server.asset_id(TAG, ASSET)}: no answer within "
+                                               f"0.3s (gave up after 3 attempts)")
     assert len(downloads(server)) == 3
     assert_nothing_left(home)
 

@@ -166,9 +166,11 @@ def init_home(root: Path, with_data_node: bool = False) -> Home:
     if os.path.lexists(home.root):
         raise HomeError(f"{home.root}: already exists; refusing to overwrite it")
     home.root.mkdir(parents=True)
-    home.config.write_text(render_default_config())
+    write_atomic(home.config, render_default_config().encode())
     for folder in ("genesis", "vX.X.X"):
         (home.root / folder).mkdir()
-        (home.root / folder / "run-config.toml").write_text(render_run_config(folder, with_data_node))
+        write_atomic(home.root / folder / "run-config.toml", render_run_config(folder, with_data_node).encode())
     home.runtime.mkdir(mode=0o700)
+    fsync_dir(home.root)                     # the folders' own entries, and the home's in its parent
+    fsync_dir(home.root.parent)
     return home

@@ -288,6 +288,38 @@ def test_missing_asset_names_what_the_release_has(home, server):
     assert_nothing_left(home)
 
 
+@pytest.mark.parametrize("asset", [ASSET, "vega"])          # a zip, and a raw binary (renamed, not unpacked)
+def test_every_file_and_folder_is_on_disk_before_the_folder_is_renamed_into_place(home, server, monkeypatch, asset):
+    import visor.releases
+    data = release_zip_with_fake_vega(TAG)
+    server.add_release(TAG, {asset: data if asset == ASSET else zipfile.ZipFile(io.BytesIO(data)).read("vega")})
+    if asset == "vega":                   # alone, the fake vega has no VERSION file to report: durability only
+        monkeypatch.setattr(visor.releases, "check_folder", lambda folder, tag: "")
+    log, real_fsync, real_rename = [], os.fsync, visor.releases.rename_noreplace
+    monkeypatch.setattr(os, "fsync", lambda fd: (log.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(visor.releases, "rename_noreplace", lambda src, dst: (log.append(("rename", str(src))),
+                                                                             real_rename(src, dst)))
+    fetch(home, source(server, asset_name=asset))
+    renamed_at = next(i for i, entry in enumerate(log) if entry[0] == "rename")
+    partial = log[renamed_at][1]
+    synced = {os.path.relpath(p, partial) for p in log[:renamed_at] if p.startswith(partial)}
+    folder = home.root / TAG
+    assert synced == {".", *(str(p.relative_to(folder)) for p in folder.rglob("*"))}
+    assert str(home.root) in log[renamed_at:]                # and the rename itself, in the home
+
+
+def test_a_folder_that_appears_just_before_the_rename_is_never_replaced_even_empty(home, server, monkeypatch):
+    import visor.releases
+    server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
+    target, real_sync = home.root / TAG, visor.releases._fsync_tree
+    # an operator's mkdir at the last instant: os.rename would silently replace an empty folder
+    monkeypatch.setattr(visor.releases, "_fsync_tree", lambda folder: (real_sync(folder), target.mkdir()))
+    with pytest.raises(FetchError, match=f"{target} appeared meanwhile: {target}/run-config.toml"):
+        fetch(home, source(server))
+    assert target.is_dir() and not list(target.iterdir())
+    assert not list(home.root.glob(f".{TAG}.partial-*"))
+
+
 def test_stale_partial_folders_are_removed_on_the_next_attempt(home, server):
     stale = home.root / f".{TAG}.partial-dead1234"
     (stale / "folder").mkdir(parents=True)

@@ -52,30 +52,12 @@ def cmd_check(opts) -> int:
 
 
 def cmd_version(opts) -> int:
+    from visor.build_info import commit
     if opts.output == "json":
-        print(json.dumps({"version": __version__, "hash": _commit_hash()}))
+        print(json.dumps({"version": __version__, "hash": commit()}))
     else:
-        print(f"visor {__version__} ({_commit_hash()})")
+        print(f"visor {__version__} ({commit()})")
     return 0
-
-
-def _commit_hash() -> str:
-    """The checkout's commit, read without running git; "unknown" for an installed copy."""
-    git = Path(__file__).resolve().parent.parent / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = head[5:]
-            loose = git / ref
-            if loose.exists():
-                return loose.read_text().strip()
-            for line in (git / "packed-refs").read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
-            return "unknown"
-        return head
-    except OSError:
-        return "unknown"
 
 
 def _home_arg(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ def cmd_init(opts) -> int:
 
 def cmd_run(opts) -> int:
     from visor.broker import Broker
+    from visor.linux import require_kernel
+    require_kernel()
     return Broker(Home(Path(opts.home).absolute()), opts.log_level).run()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomli_w
 
-from visor.config import KEYS, VisorConfig
+from visor.config import KEYS, RESTART_ONLY, VisorConfig
 from visor.errors import HomeError
 
 
@@ -128,7 +128,12 @@ def render_default_config() -> str:
         if kind is dict:
             continue                        # written as its own table below
         tables[table] += [f"# {meaning}", tomli_w.dumps({leaf: default}).strip()]
-    out = ["# Visor configuration. Edits take effect without a restart (except eventsEndpoint).", ""]
+    restart_only = ", ".join(key for key in KEYS if key in RESTART_ONLY)
+    out = ["# Visor configuration. Edits take effect without a restart of `visor run`, except:",
+           f"#   {restart_only}: read at start only; restart Visor to change them.",
+           "#   logLevel, logFormat: apply at once to the broker's lines (every event among them), but to a",
+           "#   worker's lines only when that worker is next started; restart Visor to apply them everywhere.",
+           ""]
     for table, lines in tables.items():
         if table:
             out += ["", f"[{table}]"]

@@ -78,12 +78,15 @@ class FakeBroker:
                 return msg
         raise AssertionError(f"no report from {self.name} within {timeout_s}s; stderr: {self.stderr[-800:]}")
 
-    def wait_hello(self, timeout_s: float = 10.0) -> protocol.Hello:
+    def wait_for(self, kind: type, count: int = 1, timeout_s: float = 10.0) -> list[tuple[float, object]]:
+        """Reads until `count` messages of `kind` (Hello, Heartbeat included) have arrived in all."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if isinstance(msg := self._read(deadline - time.monotonic()), protocol.Hello):
-                return msg
-        raise AssertionError(f"{self.name} did not say hello within {timeout_s}s; stderr: {self.stderr[-800:]}")
+        while len(found := self.of(kind)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} of {count} {kind.__name__} from {self.name} within "
+                                     f"{timeout_s}s; stderr: {self.stderr[-800:]}")
+            self._read(deadline - time.monotonic())
+        return found
 
     def of(self, kind: type) -> list[tuple[float, object]]:
         return [(t, m) for t, m in self.received if isinstance(m, kind)]

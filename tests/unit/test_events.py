@@ -1,10 +1,12 @@
 """The event table and the Publisher: required fields, envelope, never blocking."""
 
+import threading
+
 import msgpack
 import pytest
 import zmq
 
-from tests.helpers import stalled_subscribers
+from tests.helpers import stalled_subscribers, wait_until
 from visor.events import EVENTS, Publisher
 
 
@@ -58,9 +60,26 @@ def test_a_subscriber_that_never_reads_never_blocks_the_publisher(tmp_path):
     endpoint = f"ipc://{tmp_path}/stalled.sock"
     pub = Publisher(ctx, endpoint)
     stalled = stalled_subscribers(endpoint, 0, 1)
-    try:
-        for n in range(20000):                        # far past the high-water mark and the kernel buffers
+    live = ctx.socket(zmq.SUB)
+    live.setsockopt(zmq.SUBSCRIBE, b"visor.")
+    live.connect(endpoint)
+    emitted = []
+
+    def flood():                                      # far past the high-water mark and the kernel buffers
+        for n in range(20000):
             pub.emit("fetch.progress", tag="v", asset="a", bytes=n, total=1)
+            emitted.append(n)
+    try:
+        flooding = threading.Thread(target=flood, daemon=True)
+        flooding.start()
+        flooding.join(20)
+        assert not flooding.is_alive(), f"emit blocked after {len(emitted)} events on a subscriber that never reads"
+        assert len(emitted) == 20000
+
+        def heard():                                  # and it still publishes to those who do read
+            pub.emit("visor.stopping", pid=1, home="h")
+            return live.poll(50) and msgpack.unpackb(live.recv_multipart()[1])
+        assert wait_until(heard, what="a reading subscriber to hear the next event")["type"] == "visor.stopping"
     finally:
         stalled.kill()
         stalled.wait(5)

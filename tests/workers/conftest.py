@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fakes.broker import FakeBroker
+from visor import protocol
 
 
 @pytest.fixture
@@ -15,7 +16,7 @@ def fake_broker(home):
     def start(module: str, name: str, *args: str, **kwargs) -> FakeBroker:
         broker = FakeBroker(home.root, module, name, *args, **kwargs)
         started.append(broker)
-        broker.wait_hello()
+        broker.wait_for(protocol.Hello)
         return broker
     yield start
     for broker in started:

@@ -95,7 +95,8 @@ assert all(getattr(VisorConfig(), v[0]) == v[2] for v in KEYS.values())
 
 
 @dataclass(frozen=True)
-class Binary:
+class BinaryConfig:
+    """What a run-config says about one binary (not a running one: see visor.binaries)."""
     path: Path                          # absolute: relative paths are resolved against the run-config's folder
     args: tuple[str, ...] = ()
 
@@ -104,12 +105,12 @@ class Binary:
 class RunConfig:
     name: str
     folder: Path                        # the folder that holds this run-config
-    vega: Binary
+    vega: BinaryConfig
     socket_path: str
     http_path: str = "/rpc"
-    data_node: Binary | None = None
+    data_node: BinaryConfig | None = None
 
-    def binaries(self) -> dict[str, Binary]:
+    def binaries(self) -> dict[str, BinaryConfig]:
         """Binaries in start order: the core node first."""
         found = {"vega": self.vega}
         if self.data_node is not None:
@@ -210,13 +211,13 @@ def _string(table: dict, key: str, where: str, path: Path, default: str | None =
     return value
 
 
-def _binary(table: dict, where: str, path: Path) -> Binary:
+def _binary(table: dict, where: str, path: Path) -> BinaryConfig:
     binary = _table(table, "binary", path)
     exe = _string(binary, "path", f"{where}.binary.", path)
     args = binary.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(path, f"{where}.binary.args must be a list of strings, got {args!r}")
-    return Binary(path=(path.parent / exe).absolute() if not Path(exe).is_absolute() else Path(exe),
+    return BinaryConfig(path=(path.parent / exe).absolute() if not Path(exe).is_absolute() else Path(exe),
                   args=tuple(args))
 
 

@@ -57,7 +57,7 @@ def check_folder(folder: Path, tag: str) -> str:
     return "" if version == tag else f"version mismatch: {rc.vega.path} reports {version}, want {tag}"
 
 
-def fingerprint(folder: Path) -> tuple:
+def verification_inputs(folder: Path) -> tuple:
     """What a verification depended on: the folder (its inode: not replaced by another), its run-config
     and its binaries (inode, size, modification time: not replaced or edited)."""
     def seen(path: Path) -> tuple:

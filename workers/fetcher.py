@@ -30,18 +30,18 @@ log = logging.getLogger(__name__)
 def prepare(cmd: protocol.Prepare, report, verified: dict) -> protocol.FolderReady | protocol.FolderBlocked:
     """One Prepare: exactly one FolderReady or FolderBlocked, after any Fetch* reports.
 
-    `verified` maps (folder, tag) to the fingerprint of the folder when it last passed verification.
-    The broker asks once when a release is accepted and again at the upgrade height; if nothing in
+    `verified` maps (folder, tag) to the folder's releases.verification_inputs when it last passed
+    verification. The broker asks once when a release is accepted and again at the upgrade height; if nothing in
     the folder changed in between, the second answer needs no `vega version`, which keeps that
     child process off the upgrade's critical path."""
     from visor import releases
     folder, key = Path(cmd.folder), (cmd.folder, cmd.tag)
-    if key in verified and verified[key] == releases.fingerprint(folder):
+    if key in verified and verified[key] == releases.verification_inputs(folder):
         return protocol.FolderReady(tag=cmd.tag, folder=cmd.folder)
     source = releases.Source.from_settings(cmd.settings) if cmd.fetch else None
     try:
         releases.ensure_folder(folder, cmd.tag, Path(cmd.current_run_config), source, report)
-        verified[key] = releases.fingerprint(folder)
+        verified[key] = releases.verification_inputs(folder)
     except VisorError as err:
         return protocol.FolderBlocked(tag=cmd.tag, folder=cmd.folder, reason=str(err))
     except Exception as err:  # noqa: BLE001 - a bug; crashing would loop, as the broker resends the command

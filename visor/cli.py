@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from visor import __version__
+from visor.config import LOG_LEVELS
 from visor.errors import VisorError
 from visor.home import Home
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
     run = sub.add_parser("run", help="run the node binaries in the foreground")
     _home_arg(run)
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    run.add_argument("--log-level", choices=LOG_LEVELS,
                      help="overrides logLevel of config.toml")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show what the running daemon is doing")

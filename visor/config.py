@@ -20,6 +20,8 @@ else:  # pragma: no cover
 
 from visor.errors import ConfigError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")    # logLevel and `visor run --log-level`: the one table
+
 # TOML key -> (field, type, default, meaning). `visor init` writes its defaults from this table, and
 # this is the only place camelCase appears. Dotted keys live in tables ([autoInstall], [autoInstall.asset]).
 KEYS: dict[str, tuple[str, type, Any, str]] = {
@@ -41,7 +43,7 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
     "metricsListen": ("metrics_listen", str, "",
         "host:port to serve Prometheus metrics on, e.g. 127.0.0.1:9120; empty means no metrics"),
     "logFormat": ("log_format", str, "text", "Visor's own log lines: text, or json (one object per line)"),
-    "logLevel": ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    "logLevel": ("log_level", str, "INFO", f"{', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}"),
     "upgradeFolders": ("upgrade_folders", dict, {}, "release tag -> folder name, overriding the tag"),
     "autoInstall.enabled": ("auto_install", bool, True, "fetch releases automatically"),
     "autoInstall.repositoryOwner": ("repository_owner", str, "vegaprotocol", "GitHub owner of the releases"),
@@ -55,7 +57,6 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
 WORDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a table"}
 # Keys whose change needs a restart of `visor run` to take effect.
 RESTART_ONLY = frozenset({"eventsEndpoint", "eventsAllowRemote", "metricsListen"})
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,19 @@ def test_every_spec_event_type_is_in_the_table():
 def test_an_event_has_topic_envelope_and_increasing_seq(pub_sub):
     pub, sub = pub_sub
     received = []
-    for _ in range(100):                              # the subscription takes a moment to arrive
+
+    def joined():                                     # the subscription takes a moment to arrive
         pub.emit("upgrade.accepted", tag="v2", height=5)
-        if sub.poll(20):
-            break
+        return sub.poll(20)
+    wait_until(joined, what="the subscriber to join")
     for n in range(3):
         pub.emit("binary.exited", name="vega", pid=1, exitcode=-9)
-    while sub.poll(200):
-        received.append(sub.recv_multipart())
+
+    def three_exits():
+        while sub.poll(0):
+            received.append(sub.recv_multipart())
+        return [t for t, _ in received].count(b"binary.exited") == 3
+    wait_until(three_exits, what="the three events")
     topics = [t for t, _ in received]
     bodies = [msgpack.unpackb(b) for _, b in received]
     assert topics[-3:] == [b"binary.exited"] * 3

@@ -101,6 +101,4 @@ def _write_entry(src: BinaryIO, dest: Path, declared: int, mode: int, asset: str
             if written > declared:
                 raise FetchError(f"{asset}: {name} holds more than the {declared} bytes it declares")
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())               # on disk before the folder is renamed into place
     os.chmod(dest, 0o755 if mode & 0o111 else 0o644)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from visor import __version__
+from visor.config import LOG_LEVELS
 from visor.errors import VisorError
 from visor.home import Home
 
@@ -21,6 +22,8 @@ def cmd_init(opts) -> int:
 
 def cmd_run(opts) -> int:
     from visor.broker import Broker
+    from visor.linux import require_kernel
+    require_kernel()
     return Broker(Home(Path(opts.home).absolute()), opts.log_level).run()
 
 
@@ -54,30 +57,12 @@ def cmd_check(opts) -> int:
 
 
 def cmd_version(opts) -> int:
+    from visor.build_info import commit
     if opts.output == "json":
-        print(json.dumps({"version": __version__, "hash": _commit_hash()}))
+        print(json.dumps({"version": __version__, "hash": commit()}))
     else:
-        print(f"visor {__version__} ({_commit_hash()})")
+        print(f"visor {__version__} ({commit()})")
     return 0
-
-
-def _commit_hash() -> str:
-    """The checkout's commit, read without running git; "unknown" for an installed copy."""
-    git = Path(__file__).resolve().parent.parent / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = head[5:]
-            loose = git / ref
-            if loose.exists():
-                return loose.read_text().strip()
-            for line in (git / "packed-refs").read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
-            return "unknown"
-        return head
-    except OSError:
-        return "unknown"
 
 
 def _home_arg(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
     run = sub.add_parser("run", help="run the node binaries in the foreground")
     _home_arg(run)
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    run.add_argument("--log-level", choices=LOG_LEVELS,
                      help="overrides logLevel of config.toml")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show what the running daemon is doing")

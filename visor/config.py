@@ -20,6 +20,8 @@ else:  # pragma: no cover
 
 from visor.errors import ConfigError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")    # logLevel and `visor run --log-level`: the one table
+
 # TOML key -> (field, type, default, meaning). `visor init` writes its defaults from this table, and
 # this is the only place camelCase appears. Dotted keys live in tables ([autoInstall], [autoInstall.asset]).
 KEYS: dict[str, tuple[str, type, Any, str]] = {
@@ -43,7 +45,7 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
     "metricsListen": ("metrics_listen", str, "",
         "host:port to serve Prometheus metrics on, e.g. 127.0.0.1:9120; empty means no metrics"),
     "logFormat": ("log_format", str, "text", "Visor's own log lines: text, or json (one object per line)"),
-    "logLevel": ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    "logLevel": ("log_level", str, "INFO", f"{', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}"),
     "upgradeFolders": ("upgrade_folders", dict, {}, "release tag -> folder name, overriding the tag"),
     "upgradeHooks": ("upgrade_hooks", dict, {},
         "programs run at three moments of every upgrade: beforeStop, afterStop, afterStart"),
@@ -59,7 +61,6 @@ KEYS: dict[str, tuple[str, type, Any, str]] = {
 WORDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a table"}
 # Keys whose change needs a restart of `visor run` to take effect.
 RESTART_ONLY = frozenset({"eventsEndpoint", "eventsAllowRemote", "metricsListen"})
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ def _parse_hooks(raw: dict[str, Any], path: Path) -> tuple[dict[str, dict[str, A
 
 
 @dataclass(frozen=True)
-class Binary:
+class BinaryConfig:
+    """What a run-config says about one binary (not a running one: see visor.binaries)."""
     path: Path                          # absolute: relative paths are resolved against the run-config's folder
     args: tuple[str, ...] = ()
 
@@ -166,12 +168,12 @@ class Binary:
 class RunConfig:
     name: str
     folder: Path                        # the folder that holds this run-config
-    vega: Binary
+    vega: BinaryConfig
     socket_path: str
     http_path: str = "/rpc"
-    data_node: Binary | None = None
+    data_node: BinaryConfig | None = None
 
-    def binaries(self) -> dict[str, Binary]:
+    def binaries(self) -> dict[str, BinaryConfig]:
         """Binaries in start order: the core node first."""
         found = {"vega": self.vega}
         if self.data_node is not None:
@@ -275,13 +277,13 @@ def _string(table: dict, key: str, where: str, path: Path, default: str | None =
     return value
 
 
-def _binary(table: dict, where: str, path: Path) -> Binary:
+def _binary(table: dict, where: str, path: Path) -> BinaryConfig:
     binary = _table(table, "binary", path)
     exe = _string(binary, "path", f"{where}.binary.", path)
     args = binary.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(path, f"{where}.binary.args must be a list of strings, got {args!r}")
-    return Binary(path=(path.parent / exe).absolute() if not Path(exe).is_absolute() else Path(exe),
+    return BinaryConfig(path=(path.parent / exe).absolute() if not Path(exe).is_absolute() else Path(exe),
                   args=tuple(args))
 
 

@@ -28,21 +28,29 @@ RECHECK_AFTER_S = (1.0, 5.0)     # by then a new subscription is in effect: what
 
 def ask_status(home: Home, timeout_s: float = 2.0) -> dict:
     """The running daemon's status (SPEC §6); VisorError if none answers within timeout_s."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(home.endpoint("control"))
-        sock.send(p.encode(p.StatusRequest()))
-        if not sock.poll(timeout_s * 1000):
-            raise VisorError(f"{home.runtime / 'control.sock'}: no visor answered within {timeout_s:g}s "
-                             "(is `visor run` running for this home?)")
-        reply = p.decode(sock.recv())
-    finally:
-        sock.close()
+    reply = request_status(zmq.Context.instance(), home.endpoint("control"), timeout_s)
+    if reply is None:
+        raise VisorError(f"{home.runtime / 'control.sock'}: no visor answered within {timeout_s:g}s "
+                         "(is `visor run` running for this home?)")
     if isinstance(reply, p.ErrorReply):
         raise VisorError(f"visor refused the request: {reply.error}")
     return reply.status
+
+
+def request_status(ctx: zmq.Context, endpoint: str, timeout_s: float) -> p.StatusReply | p.ErrorReply | None:
+    """One StatusRequest to the control socket at `endpoint`; the reply, or None when none came within
+    timeout_s. A fresh REQ socket each time: one that timed out cannot be used again. Raises
+    zmq.ZMQError (a terminated context) and ProtocolError (an undecodable reply)."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(p.encode(p.StatusRequest()))
+        if not sock.poll(timeout_s * 1000):
+            return None
+        return p.decode(sock.recv())
+    finally:
+        sock.close()
 
 
 def render_status(s: dict) -> str:

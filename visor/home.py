@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomli_w
 
-from visor.config import KEYS, VisorConfig
+from visor.config import KEYS, RESTART_ONLY, VisorConfig
 from visor.errors import HomeError
 
 
@@ -128,7 +128,12 @@ def render_default_config() -> str:
         if kind is dict:
             continue                        # written as its own table below
         tables[table] += [f"# {meaning}", tomli_w.dumps({leaf: default}).strip()]
-    out = ["# Visor configuration. Edits take effect without a restart (except eventsEndpoint).", ""]
+    restart_only = ", ".join(key for key in KEYS if key in RESTART_ONLY)
+    out = ["# Visor configuration. Edits take effect without a restart of `visor run`, except:",
+           f"#   {restart_only}: read at start only; restart Visor to change them.",
+           "#   logLevel, logFormat: apply at once to the broker's lines (every event among them), but to a",
+           "#   worker's lines only when that worker is next started; restart Visor to apply them everywhere.",
+           ""]
     for table, lines in tables.items():
         if table:
             out += ["", f"[{table}]"]
@@ -186,9 +191,11 @@ def init_home(root: Path, with_data_node: bool = False) -> Home:
     if os.path.lexists(home.root):
         raise HomeError(f"{home.root}: already exists; refusing to overwrite it")
     home.root.mkdir(parents=True)
-    home.config.write_text(render_default_config())
+    write_atomic(home.config, render_default_config().encode())
     for folder in ("genesis", "vX.X.X"):
         (home.root / folder).mkdir()
-        (home.root / folder / "run-config.toml").write_text(render_run_config(folder, with_data_node))
+        write_atomic(home.root / folder / "run-config.toml", render_run_config(folder, with_data_node).encode())
     home.runtime.mkdir(mode=0o700)
+    fsync_dir(home.root)                     # the folders' own entries, and the home's in its parent
+    fsync_dir(home.root.parent)
     return home

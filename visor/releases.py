@@ -5,7 +5,7 @@ with visor.archive, deriving the folder's run-config from the current one, verif
 and renaming it into place; also the verification of a folder that already exists. All of it
 blocks, so only the fetcher worker and `visor fetch` call it, never the broker. All work happens in
 HOME/.TAG.partial-XXXX beside the target: a crash or failure never leaves a folder that looks ready.
-Reports (Fetch*, Heartbeat) go to a callback as protocol messages. The GitHub token is sent to the
+Reports (Fetch*) go to a callback as protocol messages. The GitHub token is sent to the
 API's own host only; it is never logged and never part of an error.
 """
 
@@ -29,6 +29,7 @@ from visor.config import load_run_config, load_visor_config, read_toml
 from visor.errors import ConfigError, FetchError, NodeError, VisorError
 from visor.github import Client, Report, Source
 from visor.home import fsync_dir
+from visor.linux import rename_noreplace
 from visor.nodeapi import binary_version
 
 __all__ = ["Source", "check_folder", "derive_run_config", "ensure_folder", "fetch_command"]
@@ -56,7 +57,7 @@ def check_folder(folder: Path, tag: str) -> str:
     return "" if version == tag else f"version mismatch: {rc.vega.path} reports {version}, want {tag}"
 
 
-def fingerprint(folder: Path) -> tuple:
+def verification_inputs(folder: Path) -> tuple:
     """What a verification depended on: the folder (its inode: not replaced by another), its run-config
     and its binaries (inode, size, modification time: not replaced or edited)."""
     def seen(path: Path) -> tuple:
@@ -109,7 +110,7 @@ def _install(folder: Path, tag: str, current_run_config: Path, source: Source, r
         if not binary.is_file() or binary.is_symlink():
             raise FetchError(f"{source.asset}: holds no file named {source.binary_name}")
         binary.chmod(binary.stat().st_mode | 0o111)            # a+x, as the Go visor does
-        _write_synced(work.folder / "run-config.toml", run_config)
+        (work.folder / "run-config.toml").write_bytes(run_config)   # on disk with the rest at commit
         if problem := check_folder(work.folder, tag):
             raise FetchError(problem.replace(str(work.folder), source.asset))
         work.commit(tag)
@@ -147,11 +148,15 @@ class _Partial:
         return self
 
     def commit(self, tag: str) -> None:
-        if os.path.lexists(self.target):     # someone else (an operator, another fetch) got there first
+        """Renames folder/ into place, durable first: every file and folder in it is on disk before the
+        rename, and the rename never replaces a folder that appeared meanwhile, even an empty one."""
+        _fsync_tree(self.folder)
+        try:
+            rename_noreplace(self.folder, self.target)   # one step: before it no folder, after it a verified one
+        except FileExistsError:              # someone else (an operator, another fetch) got there first
             if problem := check_folder(self.target, tag):
-                raise FetchError(f"{self.target} appeared meanwhile: {problem}")
+                raise FetchError(f"{self.target} appeared meanwhile: {problem}") from None
             return
-        os.rename(self.folder, self.target)  # one step: before it no folder, after it a verified one
         fsync_dir(self.target.parent)
 
     def __exit__(self, *exc) -> None:
@@ -175,11 +180,20 @@ def _remove_stale_partials(target: Path) -> None:
             os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and `folder` itself, on disk: contents, modes, entries."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files + dirs:
+            _fsync(os.path.join(root, name))
+    _fsync(folder)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _asset(release: dict, name: str, tag: str) -> dict:

@@ -96,7 +96,7 @@ def open_watch(folder: Path) -> InotifyWatch | PollWatch:
         return PollWatch(folder)
 
 
-def fingerprint(path: Path) -> str:
+def content_digest(path: Path) -> str:
     """What the file holds now, to tell a real change from a touch or a rewrite of the same bytes."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -115,9 +115,9 @@ def judge(path: Path) -> protocol.ConfigLoaded | protocol.ConfigRejected:
 
 def report(link: BrokerLink, path: Path, last: str | None) -> str:
     """Sends the verdict if the content differs from the last one sent (None: always). Returns the new mark."""
-    # Fingerprint BEFORE parsing: if an edit lands in between, we parse the newer file and its event
+    # Digest BEFORE parsing: if an edit lands in between, we parse the newer file and its event
     # makes us look again, so the worst case is one duplicate report, never a missed one.
-    mark = fingerprint(path)
+    mark = content_digest(path)
     if mark == last:
         return last
     verdict = judge(path)

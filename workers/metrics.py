@@ -22,6 +22,7 @@ import msgpack
 import zmq
 
 from visor import protocol
+from visor.control import request_status
 from visor.worker import BrokerLink, Readable, parse_worker_args
 
 log = logging.getLogger(__name__)
@@ -33,24 +34,13 @@ FETCH_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, math.inf)
 
 
 def ask_status(ctx: zmq.Context, endpoint: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict | None:
-    """The broker's status (SPEC §6), or None when it does not answer in time. As control.ask_status,
-    with a socket per call: a REQ socket that timed out cannot be used again."""
+    """The broker's status (SPEC §6), or None when it does not answer in time: a scrape then reports
+    visor_broker_up 0 rather than fail. The request is control's; the context is this worker's own."""
     try:
-        sock = ctx.socket(zmq.REQ)               # fails once the worker is leaving (context terminated)
-    except zmq.ZMQError:
-        return None
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send(protocol.encode(protocol.StatusRequest()))
-        if not sock.poll(timeout_s * 1000):
-            return None
-        reply = protocol.decode(sock.recv())
+        reply = request_status(ctx, endpoint, timeout_s)   # ZMQError: the worker is leaving (context terminated)
     except (zmq.ZMQError, protocol.ProtocolError) as err:
         log.debug("no status from the broker: %s", err)
         return None
-    finally:
-        sock.close()
     return reply.status if isinstance(reply, protocol.StatusReply) else None
 
 

@@ -48,9 +48,12 @@ class ReleaseServer:
         self.by_tag_enabled = True                   # False: the by-tag endpoint 404s (list fallback)
         self.per_page_default = 30
         self.fail_next: list[int] = []               # statuses for the next requests, one each
+        self.retry_after: str | None = None          # a Retry-After header on those failures
         self.delay_s = 0.0                           # before answering any request
         self.drop_download_after: int | None = None  # full Content-Length, then close after N bytes
         self.throttle_bytes_per_s: int | None = None
+        self.stall_after: int | None = None          # a download pauses after this many bytes ...
+        self.stall_s = 0.0                           # ... for this long, then goes on
         self.download_host = "127.0.0.1"             # "localhost": the 302 leaves the API's host
         self.reject_auth_on_download = False         # object storage refuses a forwarded token
         self.requests: list[tuple[str, str, Headers]] = []
@@ -160,7 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.delay_s:
             time.sleep(fake.delay_s)
         if status:
-            return self.send_json(status, {"message": HTTPStatus(status).phrase, "documentation_url": _DOCS})
+            return self.send_json(status, {"message": HTTPStatus(status).phrase, "documentation_url": _DOCS},
+                                  {"Retry-After": fake.retry_after} if fake.retry_after else {})
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/") if p]
         try:
@@ -255,7 +259,13 @@ class _Handler(BaseHTTPRequestHandler):
         rate = fake.throttle_bytes_per_s
         step = max(1, rate // 20) if rate else 64 * 1024
         for start in range(0, limit, step):
-            self.wfile.write(data[start:min(start + step, limit)])
+            end = min(start + step, limit)
+            if fake.stall_after is not None and start <= fake.stall_after < end:
+                self.wfile.write(data[start:fake.stall_after])
+                self.wfile.flush()
+                time.sleep(fake.stall_s)
+                start = fake.stall_after
+            self.wfile.write(data[start:end])
             if rate:
                 self.wfile.flush()
                 time.sleep(step / rate)

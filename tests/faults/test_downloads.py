@@ -32,7 +32,7 @@ def test_dropped_downloads_fail_the_fetch_then_the_upgrade_completes_once_served
     daemon.start()
     node = wait_running(home)["binaries"]["vega"]["pid"]
     home.announce(TAG, 120, ready=True)
-    # four attempts, 1 + 2 + 4 s apart: the inherent length of this test
+    # four attempts, 0 + 2 + 4 s apart (urllib3's backoff): the inherent length of this test
     failed = events.wait_for("fetch.failed", tag=TAG, asset=ASSET, timeout_s=15)
     assert "connection dropped" in failed["error"] and "gave up after 4 attempts" in failed["error"]
     assert len(downloads(server)) == 4

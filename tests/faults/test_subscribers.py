@@ -41,15 +41,15 @@ def test_subscribers_that_never_read_do_not_slow_the_daemon(home, daemon, events
     assert stalled.poll() is None                      # `visor events` is stuck writing, not dead
     seqs = [e["seq"] for e in events.received]         # it may join a few events late (ZMQ's slow joiner)
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))   # ...but the one that reads misses nothing
-    for _ in range(5):
-        status, took_s = ask_status(home)
-        assert took_s < 1.0, f"status took {took_s:.2f}s"
+    for _ in range(5):                                 # prompt on two loaded cores; a blocked broker never is
+        status, took_s = ask_status(home, timeout_s=5.0)
+        assert took_s < 3.0, f"status took {took_s:.2f}s"
     assert status["binaries"]["vega"]["pid"] == node and status["visor"]["state"] == "running"
     home.set_config(upgradeStatusIntervalMilliseconds=100)
     events.wait_for("config.reloaded")
     home.announce(TAG, 120, ready=True)
     ready = events.wait_for("upgrade.ready", tag=TAG, timeout_s=5)
     done = events.wait_for("upgrade.completed", tag=TAG, timeout_s=5)
-    assert done["ts"] - ready["ts"] < 2.0 and done["downtime_ms"] < 1000
+    assert done["ts"] - ready["ts"] < 10.0 and done["downtime_ms"] < 5000   # a blocked publisher: never
     assert home.current == TAG and daemon.proc.poll() is None
     assert daemon.stop(timeout_s=5) == 0               # nor its stop: the stalled ones are still connected

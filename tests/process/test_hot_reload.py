@@ -1,9 +1,8 @@
 """Hot reload: edits of config.toml reach the running daemon, bad ones are rejected and change nothing.
 
 Each test drives the real daemon through the CLI and reads what an operator sees: config.* events and
-`visor status --json` (and `visor check`, which reads the same files while the daemon runs). The last
-test runs the config watcher alone against a stand-in broker socket, once with inotify and once with
-inotify unavailable (the polling fallback), to see what it sends and what it leaves unsent.
+`visor status --json` (and `visor check`, which reads the same files while the daemon runs). The
+config watcher alone, against a stand-in broker, is tested in tests/workers/test_config_watcher.py.
 """
 
 from __future__ import annotations
@@ -11,15 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-import zmq
 
-from tests.helpers import REPO, run_cli, wait_until
-from visor import protocol
+from tests.helpers import run_cli, wait_until
 
 
 def start(daemon) -> int:
@@ -135,78 +129,3 @@ def test_check_works_while_the_daemon_runs(home, daemon):
     done = run_cli("check", "--home", home.root)           # reads only: no lock, no socket
     assert done.returncode == 0, done.stdout + done.stderr
     assert daemon.status()["visor"]["state"] == "running"
-
-
-# --- the config watcher alone, against a stand-in broker ---------------------------------------
-
-class StandInBroker:
-    """A ROUTER socket where the broker's would be; runs workers/config_watcher.py as its own process."""
-
-    def __init__(self, home, inotify: bool):
-        self.endpoint, self.inotify = f"ipc://{home.root}/.visor/t.sock", inotify
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(self.endpoint)
-        # inotify_simple = None in sys.modules makes its import fail, as on a system without it
-        block = "" if inotify else "sys.modules['inotify_simple'] = None; "
-        code = f"import sys; {block}from workers.config_watcher import main; sys.exit(main(sys.argv[1:]))"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, "--endpoint", self.endpoint, "--home", str(home.root),
-             "--broker-pid", str(os.getpid())], cwd=REPO, stderr=subprocess.PIPE, text=True)
-
-    def next_report(self, timeout_s: float = 5.0):
-        """The next message that is not a Hello or Heartbeat."""
-        deadline = time.monotonic() + timeout_s
-        while (left_ms := (deadline - time.monotonic()) * 1000) > 0:
-            if self._sock.poll(left_ms):
-                msg = protocol.decode(self._sock.recv_multipart()[1])
-                if not isinstance(msg, (protocol.Hello, protocol.Heartbeat)):
-                    return msg
-        raise AssertionError(f"no report from the config watcher within {timeout_s}s")
-
-    def shutdown(self) -> tuple[int, str]:
-        self._sock.send_multipart([b"config-watcher", protocol.encode(protocol.Shutdown())])
-        try:
-            _out, err = self.proc.communicate(timeout=5)
-        finally:
-            self.proc.kill()
-            self._sock.close()
-            self._ctx.term()
-        return self.proc.returncode, err
-
-
-@pytest.fixture(params=["inotify", "polling"])
-def stand_in(request, home):
-    broker = StandInBroker(home, inotify=request.param == "inotify")
-    yield broker
-    if broker.proc.poll() is None:
-        broker.proc.kill()
-        broker.proc.wait(5)
-
-
-def restarts_in(msg) -> int:
-    assert isinstance(msg, protocol.ConfigLoaded), msg
-    return msg.values["max_restarts"]
-
-
-@pytest.mark.timeout(30)
-def test_the_watcher_alone_reports_changes_of_content_only(home, stand_in):
-    config = home.root / "config.toml"
-    assert restarts_in(stand_in.next_report()) == 3                 # the report every start owes
-    os.utime(config)                                                 # touched: same bytes
-    config.write_bytes(config.read_bytes())                          # rewritten: same bytes
-    home.set_config(maxNumberOfRestarts=4)
-    assert restarts_in(stand_in.next_report()) == 4                  # nothing came for the two above
-    # vi's way: the old file renamed away, a new one written under the name
-    text = config.read_text()
-    os.replace(config, home.root / "config.toml~")
-    config.write_text(text.replace("maxNumberOfRestarts = 4", "maxNumberOfRestarts = 5"))
-    assert restarts_in(stand_in.next_report()) == 5
-    os.unlink(config)
-    assert stand_in.next_report() == protocol.ConfigRejected(error=f"{config}: file not found")
-    config.write_text(text)
-    assert restarts_in(stand_in.next_report()) == 4
-    code, stderr = stand_in.shutdown()
-    assert code == 0, stderr
-    assert ("inotify unavailable" in stderr) == (not stand_in.inotify)    # the path we meant to test

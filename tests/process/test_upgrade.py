@@ -27,7 +27,9 @@ def test_genesis_to_v2_to_v3_in_one_run(home, daemon, events):
     home.announce("v0.73.0", 120)
     assert events.wait_for("upgrade.accepted")["height"] == 120
     first = upgrade(home, events, "v0.73.0", 120)
-    assert home.current == "v0.73.0" and first["height"] == 120 and first["downtime_ms"] >= 0
+    assert home.current == "v0.73.0" and first["height"] == 120 and first["downtime_ms"] > 0
+    assert daemon.status()["upgrade"]["last"] == {"tag": "v0.73.0", "height": 120, "folder": "v0.73.0",
+                                                  "downtime_ms": first["downtime_ms"]}
     assert home.wait_started(2)[-2:] == [SNAPSHOT_FLAG, "120"]
     assert home.node_events("started")[-1]["folder"] == str(home.root / "v0.73.0")
     assert [e["type"] for e in events.received if e["type"].startswith("upgrade.")] == \
@@ -57,9 +59,11 @@ def test_upgrade_folders_name_the_folder_of_a_tag(home, daemon, events):
     home.set_config(upgradeFolders={"v0.73.0": "patched"})
     daemon.start()
     daemon.wait_running()
-    assert upgrade(home, events, "v0.73.0", 120)
+    assert upgrade(home, events, "v0.73.0", 120)["height"] == 120
     assert home.current == "patched"
     assert events.of("upgrade.started")[0]["folder"] == "patched"
+    assert home.wait_started(2)[-2:] == [SNAPSHOT_FLAG, "120"]
+    assert home.node_events("started")[-1]["folder"] == str(home.root / "patched")
 
 
 def test_an_existing_snapshot_flag_is_not_added_twice(home, daemon, events):
@@ -125,13 +129,19 @@ def test_a_busy_node_is_not_stopped_for_a_short_run_of_failed_calls(home, daemon
     assert len([e for e in events.of("rpc.unreachable") if "HTTP 500" in e["error"]]) == 1   # one 2 s attempt
 
 
-@pytest.mark.parametrize("reply", ["garbage", "error", "http500", "close"])
-def test_a_bad_reply_counts_as_a_failed_call(home, daemon, events, reply):
+@pytest.mark.parametrize("reply, error", [("garbage", "reply is not JSON-RPC"),
+                                          ("error", "protocolupgrade.UpgradeStatus failed"),
+                                          ("http500", "HTTP 500 from /rpc"),
+                                          ("close", "Remote end closed connection without response")])
+def test_a_bad_reply_counts_as_a_failed_call(home, daemon, events, reply, error):
     home.set_config(maxNumberOfFirstConnectionRetries=2)
     home.announce(reply=reply)
     daemon.start()
     assert daemon.wait_exit(20) == 1
-    assert len(events.of("rpc.unreachable")) >= 3
+    unreachable = events.of("rpc.unreachable")
+    assert error in unreachable[-1]["error"] and unreachable[-1]["max"] == 2   # what the node said, counted
+    assert "did not answer" in events.wait_for("visor.failed")["reason"]
+    assert home.node_events()[-1]["event"] == "stopped"
 
 
 def test_after_a_crash_restart_the_small_retry_budget_applies(home, daemon, events):

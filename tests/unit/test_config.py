@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from visor.config import KEYS, VisorConfig, load_run_config, load_visor_config
+from visor.config import KEYS, RESTART_ONLY, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError
 from visor.home import render_default_config
 
@@ -136,3 +136,10 @@ def test_the_go_visor_example_run_config_loads(tmp_path):
 def test_a_bad_run_config_is_one_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(write(tmp_path, text, "run-config.toml"))
+
+
+def test_the_example_config_is_what_visor_init_writes_and_names_every_restart_only_key():
+    example = (Path(__file__).resolve().parent.parent.parent / "etc" / "config.toml").read_text()
+    assert example == render_default_config()
+    header = example.split("\n\n", 1)[0]
+    assert all(key in header for key in RESTART_ONLY) and "logLevel" in header and "logFormat" in header

@@ -1,10 +1,12 @@
 """The event table and the Publisher: required fields, envelope, never blocking."""
 
+import threading
+
 import msgpack
 import pytest
 import zmq
 
-from tests.helpers import stalled_subscribers
+from tests.helpers import stalled_subscribers, wait_until
 from visor.events import EVENTS, Publisher
 
 
@@ -32,14 +34,19 @@ def test_every_spec_event_type_is_in_the_table():
 def test_an_event_has_topic_envelope_and_increasing_seq(pub_sub):
     pub, sub = pub_sub
     received = []
-    for _ in range(100):                              # the subscription takes a moment to arrive
+
+    def joined():                                     # the subscription takes a moment to arrive
         pub.emit("upgrade.accepted", tag="v2", height=5)
-        if sub.poll(20):
-            break
+        return sub.poll(20)
+    wait_until(joined, what="the subscriber to join")
     for n in range(3):
         pub.emit("binary.exited", name="vega", pid=1, exitcode=-9)
-    while sub.poll(200):
-        received.append(sub.recv_multipart())
+
+    def three_exits():
+        while sub.poll(0):
+            received.append(sub.recv_multipart())
+        return [t for t, _ in received].count(b"binary.exited") == 3
+    wait_until(three_exits, what="the three events")
     topics = [t for t, _ in received]
     bodies = [msgpack.unpackb(b) for _, b in received]
     assert topics[-3:] == [b"binary.exited"] * 3
@@ -58,9 +65,26 @@ def test_a_subscriber_that_never_reads_never_blocks_the_publisher(tmp_path):
     endpoint = f"ipc://{tmp_path}/stalled.sock"
     pub = Publisher(ctx, endpoint)
     stalled = stalled_subscribers(endpoint, 0, 1)
-    try:
-        for n in range(20000):                        # far past the high-water mark and the kernel buffers
+    live = ctx.socket(zmq.SUB)
+    live.setsockopt(zmq.SUBSCRIBE, b"visor.")
+    live.connect(endpoint)
+    emitted = []
+
+    def flood():                                      # far past the high-water mark and the kernel buffers
+        for n in range(20000):
             pub.emit("fetch.progress", tag="v", asset="a", bytes=n, total=1)
+            emitted.append(n)
+    try:
+        flooding = threading.Thread(target=flood, daemon=True)
+        flooding.start()
+        flooding.join(20)
+        assert not flooding.is_alive(), f"emit blocked after {len(emitted)} events on a subscriber that never reads"
+        assert len(emitted) == 20000
+
+        def heard():                                  # and it still publishes to those who do read
+            pub.emit("visor.stopping", pid=1, home="h")
+            return live.poll(50) and msgpack.unpackb(live.recv_multipart()[1])
+        assert wait_until(heard, what="a reading subscriber to hear the next event")["type"] == "visor.stopping"
     finally:
         stalled.kill()
         stalled.wait(5)

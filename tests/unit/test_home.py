@@ -45,3 +45,17 @@ def test_an_uninitialised_home_is_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HomeError, match="config.toml: not found"):
         Home(tmp_path / "empty").ensure_ready()
+
+
+def test_init_writes_its_files_atomically_and_durably(tmp_path, monkeypatch):
+    import visor.home
+    written, synced = [], []
+    real_write, real_fsync = visor.home.write_atomic, os.fsync
+    monkeypatch.setattr(visor.home, "write_atomic", lambda path, data, **kw: (written.append(path),
+                                                                              real_write(path, data, **kw)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    home = init_home(tmp_path / "h")
+    assert written == [home.config, home.root / "genesis/run-config.toml", home.root / "vX.X.X/run-config.toml"]
+    folders = {str(home.root), str(home.root.parent), str(home.root / "genesis"), str(home.root / "vX.X.X")}
+    assert folders <= set(synced)            # each new entry is on disk in the folder that holds it
+    assert not [n for n in os.listdir(home.root) if n.endswith(".tmp")]

@@ -51,10 +51,10 @@ def source(server: ReleaseServer, read_timeout_s: float = 1.0, **settings) -> So
 
 
 def fetch(home, src: Source, tag: str = TAG) -> list:
-    """ensure_folder as the fetcher calls it; returns the reports (Heartbeats left out)."""
+    """ensure_folder as the fetcher calls it; returns the reports."""
     reports = []
     ensure_folder(home.root / tag, tag, home.root / "genesis" / "run-config.toml", src, reports.append)
-    return [r for r in reports if not isinstance(r, protocol.Heartbeat)]
+    return reports
 
 
 def assert_nothing_left(home, tag: str = TAG) -> None:
@@ -106,7 +106,8 @@ def test_list_fallback_follows_pagination(home, server):
 def test_token_goes_to_the_api_only_and_is_never_shown(home, server, monkeypatch, caplog):
     secret = "ghp_s3cret-t0ken"
     monkeypatch.setenv("GITHUB_TOKEN", secret)
-    server.reject_auth_on_download = True                 # object storage refuses a forwarded token
+    server.download_host = "localhost"                    # the 302 to the bytes leaves the API's host ...
+    server.reject_auth_on_download = True                 # ... and object storage refuses a forwarded token
     server.fail_next = [503]                              # a retry is logged: it must not show the token
     server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
     with caplog.at_level(logging.DEBUG):
@@ -197,15 +198,56 @@ def test_a_silent_server_times_out(home, server):
     assert_nothing_left(home)
 
 
+def test_a_token_goes_only_to_the_api_origin_even_when_the_api_points_elsewhere(home, server, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_s3cret-t0ken")
+    server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
+    # the API is at "localhost"; the asset URLs it hands out name 127.0.0.1, another origin
+    fetch(home, source(server, api_url=server.url.replace("127.0.0.1", "localhost")))
+    with_token = {h["host"].partition(":")[0] for _, _, h in server.requests if "Authorization" in h}
+    assert with_token == {"localhost"} and len(server.requests) == 3   # release; asset, its bytes: no token
+
+
+def test_retry_after_is_waited_out(home, server):
+    server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
+    server.fail_next, server.retry_after = [429], "1"
+    started = time.monotonic()
+    fetch(home, source(server))
+    assert time.monotonic() - started >= 0.9 and (home.root / TAG / "vega").is_file()
+
+
+def test_a_download_stalled_past_the_read_timeout_fails_in_bounded_time(home, server):
+    data = release_zip_with_fake_vega(TAG)
+    server.add_release(TAG, {ASSET: data})
+    server.stall_after, server.stall_s = len(data) // 2, 3.0
+    started, reports = time.monotonic(), []
+    with pytest.raises(FetchError, match=r"no answer within 0.3s \(gave up after 3 attempts\)"):
+        ensure_folder(home.root / TAG, TAG, home.root / "genesis/run-config.toml",
+                      source(server, read_timeout_s=0.3), reports.append)
+    assert time.monotonic() - started < 8                 # 3 × 0.3 s and backoff; not the 3 × 3 s of stalls
+    assert reports[-1] == protocol.FetchFailed(tag=TAG, asset=ASSET, error=f"{server.url}/repos/vegaprotocol/vega/"
+                                               f"releases/assets/{server.asset_id(TAG, ASSET)}: no answer within "
+                                               f"0.3s (gave up after 3 attempts)")
+    assert len(downloads(server)) == 3
+    assert_nothing_left(home)
+
+
+def test_a_download_that_pauses_within_the_read_timeout_completes(home, server):
+    data = release_zip_with_fake_vega(TAG)
+    server.add_release(TAG, {ASSET: data})
+    server.stall_after, server.stall_s = len(data) // 2, 0.3
+    fetch(home, source(server, read_timeout_s=2.0))
+    assert len(downloads(server)) == 1 and (home.root / TAG / "vega").is_file()
+
+
 def test_a_dropped_download_is_retried(home, server):
     data = release_zip_with_fake_vega(TAG)
     server.add_release(TAG, {ASSET: data})
     server.drop_download_after = len(data) // 2
     reports = []
 
-    def report(msg):                                      # once a download was cut short, heal the server
-        reports.append(msg)
-        if isinstance(msg, protocol.Heartbeat) and downloads(server):
+    def report(msg):                                      # once a download is under way, heal the server
+        reports.append(msg)                               # (for the next request: this one is cut short)
+        if isinstance(msg, protocol.FetchProgress):
             server.drop_download_after = None
     ensure_folder(home.root / TAG, TAG, home.root / "genesis/run-config.toml", source(server), report)
     assert len(downloads(server)) == 2 and (home.root / TAG / "vega").is_file()
@@ -244,6 +286,38 @@ def test_missing_asset_names_what_the_release_has(home, server):
     with pytest.raises(FetchError, match=f"no asset named {ASSET} .*vega-darwin-arm64.zip"):
         fetch(home, source(server))
     assert_nothing_left(home)
+
+
+@pytest.mark.parametrize("asset", [ASSET, "vega"])          # a zip, and a raw binary (renamed, not unpacked)
+def test_every_file_and_folder_is_on_disk_before_the_folder_is_renamed_into_place(home, server, monkeypatch, asset):
+    import visor.releases
+    data = release_zip_with_fake_vega(TAG)
+    server.add_release(TAG, {asset: data if asset == ASSET else zipfile.ZipFile(io.BytesIO(data)).read("vega")})
+    if asset == "vega":                   # alone, the fake vega has no VERSION file to report: durability only
+        monkeypatch.setattr(visor.releases, "check_folder", lambda folder, tag: "")
+    log, real_fsync, real_rename = [], os.fsync, visor.releases.rename_noreplace
+    monkeypatch.setattr(os, "fsync", lambda fd: (log.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(visor.releases, "rename_noreplace", lambda src, dst: (log.append(("rename", str(src))),
+                                                                             real_rename(src, dst)))
+    fetch(home, source(server, asset_name=asset))
+    renamed_at = next(i for i, entry in enumerate(log) if entry[0] == "rename")
+    partial = log[renamed_at][1]
+    synced = {os.path.relpath(p, partial) for p in log[:renamed_at] if p.startswith(partial)}
+    folder = home.root / TAG
+    assert synced == {".", *(str(p.relative_to(folder)) for p in folder.rglob("*"))}
+    assert str(home.root) in log[renamed_at:]                # and the rename itself, in the home
+
+
+def test_a_folder_that_appears_just_before_the_rename_is_never_replaced_even_empty(home, server, monkeypatch):
+    import visor.releases
+    server.add_release(TAG, {ASSET: release_zip_with_fake_vega(TAG)})
+    target, real_sync = home.root / TAG, visor.releases._fsync_tree
+    # an operator's mkdir at the last instant: os.rename would silently replace an empty folder
+    monkeypatch.setattr(visor.releases, "_fsync_tree", lambda folder: (real_sync(folder), target.mkdir()))
+    with pytest.raises(FetchError, match=f"{target} appeared meanwhile: {target}/run-config.toml"):
+        fetch(home, source(server))
+    assert target.is_dir() and not list(target.iterdir())
+    assert not list(home.root.glob(f".{TAG}.partial-*"))
 
 
 def test_stale_partial_folders_are_removed_on_the_next_attempt(home, server):

@@ -244,6 +244,12 @@ class Supervision(RuleBasedStateMachine):
         self.w.hook_finished(ok)
 
     @precondition(lambda self: self.w.exited is None)
+    @rule(hooks=st.dictionaries(st.sampled_from(["beforeStop", "afterStop", "afterStart"]), st.booleans()))
+    def operator_edits_the_hooks(self, hooks):     # a hot reload: a hook fixed, made optional or removed
+        c = self.w.cfg
+        self.w.cfg = config(c.restarts_delay_s, c.stop_delay_s, hooks)
+
+    @precondition(lambda self: self.w.exited is None)
     @rule()
     def operator_stops(self):
         self.w.stop_requested = True

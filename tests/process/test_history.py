@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -68,24 +69,36 @@ def test_since_spans_daemon_runs_and_a_rotation(home, daemon):
 
 
 def test_the_seam_between_history_and_live_stream_has_no_gap_and_no_duplicate(home, daemon):
-    home.set_config(maxNumberOfRestartConnectionRetries=100000)
     daemon.start()
     daemon.wait_running()
-    home.announce(reply="error")                          # rpc.unreachable ten times a second, throughout
-    wait_until(lambda: len(recorded(home)) > 20, what="events before the follower starts")
+    editing = threading.Event()
+    editing.set()
+
+    def edit_config():                                    # config.reloaded several times a second, throughout
+        delay = 0
+        while editing.is_set():
+            delay = 1 - delay
+            home.set_config(stopDelaySeconds=delay)
+            time.sleep(0.15)                              # the pace of an operator's edits, not a wait for a result
+
+    editor = threading.Thread(target=edit_config)
+    editor.start()
+    wait_until(lambda: len(recorded(home)) > 15, what="events before the follower starts", timeout_s=15)
     follower = subprocess.Popen([*VISOR, "events", "--home", str(home.root), "--json", "--since", "1h"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     printed: list[dict] = []
     reader = threading.Thread(target=lambda: printed.extend(json.loads(line) for line in follower.stdout))
     reader.start()
     try:
-        wait_until(lambda: len(recorded(home)) > 60, what="more events while it follows", timeout_s=20)
-        home.announce()
+        wait_until(lambda: len(recorded(home)) > 40, what="more events while it follows", timeout_s=20)
+        editing.clear()
+        editor.join(5)
         last = recorded(home)[-1]
         wait_until(lambda: last in printed, what=f"the follower to print seq {last['seq']}", timeout_s=10)
         follower.send_signal(signal.SIGINT)
         assert follower.wait(10) == 0
     finally:
+        editing.clear()
         if follower.poll() is None:
             follower.kill()
         reader.join(10)

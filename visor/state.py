@@ -335,11 +335,12 @@ def _on_status(s: State, fact: p.UpgradeStatus, cfg: VisorConfig, now: float) ->
 
 
 def _on_rpc_failed(s: State, error: str, cfg: VisorConfig, now: float) -> Result:
-    if s.rpc_counted_at is not None and now - s.rpc_counted_at < RETRY_SPACING_S * 0.95:
-        return s, []             # the same Go-visor attempt: a budget means time, whatever our interval
     budget = cfg.max_first_retries if s.first_budget else cfg.max_restart_retries
-    n = s.rpc_failures + 1
-    s = replace(s, rpc_failures=n, rpc_counted_at=now)
+    # Every failed call is reported; calls within RETRY_SPACING_S of the last counted one belong to the
+    # same Go-visor attempt: a budget means time, whatever upgradeStatusIntervalMilliseconds is.
+    if s.rpc_counted_at is None or now - s.rpc_counted_at >= RETRY_SPACING_S * 0.95:
+        s = replace(s, rpc_failures=s.rpc_failures + 1, rpc_counted_at=now)
+    n = s.rpc_failures
     emit = Emit.of("rpc.unreachable", attempt=n, max=budget, error=error)
     if n <= budget:
         return s, [emit]

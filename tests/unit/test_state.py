@@ -188,7 +188,7 @@ def fail_calls(s, times, cfg=CFG):
 def test_a_retry_budget_means_seconds_as_in_the_go_visor_whatever_the_poll_interval():
     # ten failed calls 100 ms apart are one Go-visor attempt (2 s apart), not ten
     s, actions = fail_calls(up(), [100 + i / 10 for i in range(10)])
-    assert [a.fields["attempt"] for a in emitted(actions, "rpc.unreachable")] == [1]
+    assert [a.fields["attempt"] for a in emitted(actions, "rpc.unreachable")] == [1] * 10
     assert s.phase is Phase.RUNNING
     # the first budget (3) lasts about 2·3 s: the fourth attempt, 6 s after the first, stops the node
     s, actions = fail_calls(s, [102, 104])

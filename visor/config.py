@@ -26,9 +26,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")    # logLevel and `visor run 
 # this is the only place camelCase appears. Dotted keys live in tables ([autoInstall], [autoInstall.asset]).
 KEYS: dict[str, tuple[str, type, Any, str]] = {
     "maxNumberOfFirstConnectionRetries": ("max_first_retries", int, 175000,
-        "upgrade-status calls that may fail before the node first answers (slow-starting archive nodes)"),
+        "failed upgrade-status attempts (2 s apart) allowed until a crash-restart (slow archive nodes)"),
     "maxNumberOfRestartConnectionRetries": ("max_restart_retries", int, 10,
-        "upgrade-status calls that may fail after a restart"),
+        "failed upgrade-status attempts (2 s apart) allowed after a crash-restart"),
     "maxNumberOfRestarts": ("max_restarts", int, 3,
         "restarts allowed after binary failures; the failure after the last one stops Visor"),
     "restartsDelaySeconds": ("restarts_delay_s", int, 5, "wait before restarting failed binaries"),

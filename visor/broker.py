@@ -3,7 +3,9 @@
 It owns the sockets, the timers, the worker pool and the table of running binaries, and it carries
 out the actions that state.step decides. It never blocks on anything but its poller: every slow
 thing is a worker's. It is a child subreaper, so a binary whose runner was killed becomes its
-child, and it reaps it.
+child, and it reaps it. The state file always says what runs (written before a runner can start
+anything); at start, what a previous run left is adopted first (adoption.py). An unexpected error
+in the loop ends the broker alone: nothing is stopped or signalled, and the next run adopts.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from dataclasses import replace
 
 import zmq
 
-from visor import protocol as p, report, state as st
+from visor import adoption, protocol as p, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
-from visor.binaries import Binaries, become_subreaper, end_leftovers
+from visor.binaries import Binaries, become_subreaper, find_orphan
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
-from visor.home import Home, read_memory, switch_current, write_memory
+from visor.home import Home, read_state_file, switch_current, write_state_file
 from visor.logs import setup_logging
 from visor.notify import Notifier
 from visor.pool import Pool
@@ -53,7 +55,8 @@ class Broker:
         self.facts: list = []
         self.exit: tuple[int, str] | None = None
         self._pending_upgrade: dict | None = None
-        self._memory_dirty = False
+        self._state_file_dirty = False
+        self.started_at = time.time()   # with the pid, tells a re-executed daemon from the one before
         self._workers_spawned = False    # the watchers are forked once the node has started
         self.notifier = Notifier()
         self._ready_sent = False
@@ -62,24 +65,18 @@ class Broker:
 
     def run(self) -> int:
         self._lock()
-        memory = read_memory(self.home)
-        end_leftovers(memory.get("binaries") or {}, self.cfg.stop_timeout_s)
         become_subreaper()
+        record = read_state_file(self.home)
         self.sockets = Sockets(self.home.endpoint("broker"), self.home.endpoint("control"),
                                self.home.events_endpoint(self.cfg))
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
-        folder = self.home.current_folder().name
-        pending = memory.get("pending") or {}
-        if pending.get("folder") == folder:          # killed after the switch, before the node came up
-            self._pending_upgrade = pending
-            log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
-        self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height")))
-        self.timers["spawn-workers"] = time.monotonic() + SPAWN_WORKERS_AFTER_S
         try:
+            self._boot(record)
             self._loop()
-        finally:
-            self._close()
+        except Exception as err:     # a bug, or the OS refusing (EMFILE, EAGAIN): never a reason to stop the node
+            return self._crash(err)
+        self._close()
         code, reason = self.exit
         if code == 0:
             self.emit("visor.stopped")
@@ -89,6 +86,51 @@ class Broker:
         self.sockets.close()
         self.notifier.close()
         return code
+
+    def _boot(self, record: dict) -> None:
+        """Adopts what the previous run left (nothing is started before it is), then one Boot fact."""
+        folder = self.home.current_folder().name
+        pending = record.get("pending") or {}
+        if pending.get("folder") == folder:          # killed after the switch, before the node came up
+            self._pending_upgrade = pending
+        expected = {name: (str(b.path), list(b.args)) for name, b in self.run_config.binaries().items()}
+        found = adoption.adopt(record, self.sockets, self.pool, self.cfg.stop_timeout_s, expected) \
+            if adoption.unclean(record) else adoption.Found()
+        self.binaries.update({**found.binaries, **found.orphans})
+        self._write_state_file(durable=True)         # what runs now, before anything is started
+        if self._pending_upgrade and not found.binaries:
+            log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
+        if found.pids():
+            log.info("adopted from the previous run: %s", ", ".join(f"{n} pid {pid}" for n, pid in found.pids().items()))
+        self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height"),
+                          adopted=found.pids(), expected=frozenset(expected),
+                          restarts=int(record.get("restarts") or 0) if found.pids() else 0,
+                          upgrade=self._pending_upgrade))
+        for name in found.orphans:                   # our children: a new runner takes each on
+            self._spawn(f"runner:{name}")
+        for exit_ in found.exits:
+            self._forget_binary(exit_)
+        if found.pids():
+            self._watch()
+            self._spawn_workers()
+        else:
+            self.timers["spawn-workers"] = time.monotonic() + SPAWN_WORKERS_AFTER_S
+
+    def _crash(self, err: Exception) -> int:
+        """The loop failed: leave alone, as a kill -9 would, with one line. The runners keep their
+        binaries and the state file says what runs, so the next `visor run` adopts them."""
+        reason = f"internal error ({type(err).__name__}: {err})"
+        log.debug("the broker's loop failed", exc_info=err)
+        log.error("%s; the node binaries keep running, and the next `visor run` for this home adopts them "
+                  "(run with --log-level DEBUG for the traceback)", reason)
+        self._write_state_file(durable=True)
+        try:
+            self.emit("visor.failed", reason=reason)
+            self.sockets.close()
+            self.notifier.close()
+        except Exception:            # already failing: the exit code and the line above are what count
+            pass
+        return 1
 
     def _lock(self) -> None:
         self._lock_file = open(self.home.runtime / "lock", "a+")
@@ -101,8 +143,8 @@ class Broker:
         for name in list(self.pool.workers):
             self._send(name, p.Shutdown())
         self.pool.shutdown()
-        self.binaries.clear()
-        self._write_memory(durable=True)
+        self.binaries.clear()                        # every binary is down: Exit comes only then
+        self._write_state_file(durable=True)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -142,9 +184,9 @@ class Broker:
                     self._on_timer(name)
             for w in self.pool.due(now):
                 self._spawn(w.name)
-            if self._memory_dirty:                   # after this turn's restarts, not before them
+            if self._state_file_dirty:               # after this turn's restarts, not before them
                 self._drain_facts()
-                self._write_memory()
+                self._write_state_file()
             if now >= next_hung_check:
                 self.pool.kill_hung(now)
                 next_hung_check = now + 5
@@ -158,7 +200,9 @@ class Broker:
     def _drain_facts(self) -> None:
         while self.facts and self.exit is None:
             fact = self.facts.pop(0)
+            restarts = self.state.restarts
             self.state, actions = st.step(self.state, fact, self.cfg, time.monotonic())
+            self._state_file_dirty |= self.state.restarts != restarts
             self._remember_upgrade()
             self._tell_systemd()
             for action in actions:
@@ -175,7 +219,7 @@ class Broker:
             pending = None
         if pending != self._pending_upgrade:
             self._pending_upgrade = pending
-            self._write_memory(durable=True)     # before the first stop is sent: it must survive a crash
+            self._write_state_file(durable=True)     # before the first stop is sent: it must survive a crash
 
     def _tell_systemd(self) -> None:
         text = report.systemd_status(self.state, self.cfg)
@@ -187,15 +231,17 @@ class Broker:
         else:
             self.notifier.status(text)
 
-    def _write_memory(self, durable: bool = False) -> None:
-        """state.json: the upgrade in flight (durable) and the binaries' pids, which only serve to end
-        leftovers after a crash, so they are written off the restart path and without fsync."""
-        self._memory_dirty = False
+    def _write_state_file(self, durable: bool = False) -> None:
+        """state.json: the runners and binaries that run (what the next run adopts after a crash), the
+        restart count and the upgrade in flight. Durable (fsync) only for the upgrade and at the end: a
+        crash of the broker alone keeps the page cache, and a crash of the machine leaves nothing running."""
+        self._state_file_dirty = False
+        record = {"runners": self.pool.records(), "binaries": self.binaries.records(),
+                  "restarts": self.state.restarts, "pending": self._pending_upgrade}
         try:
-            write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade},
-                         durable=durable)
+            write_state_file(self.home, record, durable=durable)
         except OSError as err:       # a full disk must not end Visor: the node matters more than the file
-            log.error("cannot write %s: %s; a crash now would lose what it records", self.home.memory,
+            log.error("cannot write %s: %s; a crash now would lose what it records", self.home.state_file,
                       err.strerror or err)
 
     # --- actions ------------------------------------------------------------------------------
@@ -282,14 +328,14 @@ class Broker:
             case p.Hello(pid=pid):
                 worker.connected = True
                 self._on_hello(name, pid)
-            case p.Heartbeat():
-                pass
+            case p.Heartbeat() | p.Holding():
+                pass                                 # a Holding here repeats what adoption heard
             case p.BinaryStarted():
                 self.assignments.pop(name, None)
                 self.binaries.started(msg, runner_pid=worker.pid)
                 self.feed(msg)
                 self._spawn_workers()
-                self._memory_dirty = True
+                self._state_file_dirty = True
             case p.BinaryExited():
                 self._forget_binary(msg)
             case p.StartFailed() | p.Segment():
@@ -326,8 +372,7 @@ class Broker:
         if binary is not None and binary.runner_pid != pid:
             # a new runner takes over a binary whose runner died; the binary was never touched
             binary.runner_pid = pid
-            self._send(name, p.AdoptBinary(pid=binary.pid, path=binary.path, args=binary.args,
-                                           stop_timeout_s=self.cfg.stop_timeout_s))
+            self._send(name, binary.adopt_command(self.cfg.stop_timeout_s))
             if binary.stop_sent:
                 self._send(name, p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
         if name in self.assignments and self.assignments[name] is not self.pool.workers[name].born_with:
@@ -339,7 +384,7 @@ class Broker:
         if not self.binaries:
             self.timers.pop("stop-watchdog", None)
         self.feed(msg)
-        self._memory_dirty = True
+        self._state_file_dirty = True
 
     def _on_worker_exit(self, worker, now: float) -> None:
         pid = worker.pid
@@ -348,7 +393,25 @@ class Broker:
                 worker.name, pid, code)
         self.emit("worker.exited", worker=worker.name, pid=pid, exitcode=code)
         if worker.name.startswith("runner:"):
+            self._state_file_dirty = True
+            self._find_started(worker)       # it may have died between its start and its report
             self._account_for_binaries()     # its binary is now our child, or ended unreported
+
+    def _find_started(self, worker) -> None:
+        """Before its start is sent again to a new runner: a binary the dead runner started is now our
+        child (subreaper). Found, it is taken as started, and the new runner adopts it: never two copies."""
+        start, name = self.assignments.get(worker.name), worker.name.partition(":")[2]
+        if not isinstance(start, p.StartBinary) or name in self.binaries:
+            return
+        child = find_orphan(start.path, start.args, {w.pid for w in self.pool.workers.values()})
+        if child is None:
+            return                                   # it died before starting it: the start is sent again
+        log.warning("%s died before reporting that it started %s (pid %d): adopting it", worker.name, name, child.pid)
+        self.assignments.pop(worker.name)
+        created = child.create_time()
+        self._on_report(worker.name, worker, p.BinaryStarted(name=name, pid=child.pid, path=start.path,
+                                                             args=list(start.args), started_at=created,
+                                                             create_time=created))
 
     def _account_for_binaries(self) -> None:
         """Reports binaries that ended with no runner to report them: reaped by us, or vanished."""
@@ -426,14 +489,21 @@ class Broker:
             log.warning("config: %s take effect at the next start of `visor run`", ", ".join(pending))
 
     def _answer(self, request: p.Message) -> p.Message:
-        if isinstance(request, p.StatusRequest):
-            return p.StatusReply(status=self.status())
+        match request:
+            case p.StatusRequest():
+                return p.StatusReply(status=self.status())
+            case p.StopRequest():
+                log.info("`visor stop` asked: stopping")
+                self.feed(st.StopRequested("stop request"))
+                return p.Accepted(pid=os.getpid())
         return p.ErrorReply(error=f"unsupported request {request.kind!r}")
 
     # --- helpers ------------------------------------------------------------------------------
 
     def _spawn(self, name: str, first=None) -> None:
         w = self.pool.spawn(name, first)
+        if name.startswith("runner:"):
+            self._write_state_file()             # recorded before it can report a start: a crash now adopts it
         self.emit("worker.started", worker=name, pid=w.pid)
 
     def _assign(self, worker: str, msg) -> None:
@@ -458,12 +528,14 @@ class Broker:
         return rc
 
     def status(self) -> dict:
-        return report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
-                             str(self.home.root), os.getpid())
+        status = report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
+                               str(self.home.root), os.getpid())
+        status["visor"]["started_at"] = self.started_at
+        return status
 
 
 REPORTS = {          # what each kind of worker may tell the broker, besides Hello and Heartbeat
-    "runner": (p.BinaryStarted, p.BinaryExited, p.StartFailed, p.Segment),
+    "runner": (p.BinaryStarted, p.BinaryExited, p.StartFailed, p.Segment, p.Holding),
     "upgrade-watcher": (p.UpgradeStatus, p.RpcFailed),
     "fetcher": (p.FolderReady, p.FolderBlocked, p.FetchStarted, p.FetchProgress, p.FetchCompleted, p.FetchFailed),
     "config-watcher": (p.ConfigLoaded, p.ConfigRejected),

@@ -70,8 +70,12 @@ class State:
 
 @dataclass(frozen=True)
 class Boot:
-    folder: str
+    folder: str                          # what `current` points at
     snapshot_height: int | None = None   # an upgrade switched `current` just before a crash
+    adopted: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # name -> pid left running
+    expected: frozenset[str] = frozenset()              # binaries of the current run-config
+    restarts: int = 0                    # carried over from the state file
+    upgrade: dict | None = None          # the "pending" record {"tag", "folder", "height"} in flight
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,12 @@ Result = tuple[State, list[Action]]
 def step(s: State, fact: Any, cfg: VisorConfig, now: float) -> Result:
     """The only way the broker's state changes."""
     match fact:
+        case Boot(folder=folder, adopted=adopted) if adopted:
+            # (issue 12, minimal; the lead owns the full semantics) STARTING -> RUNNING with what still runs
+            return replace(s, folder=folder, phase=Phase.RUNNING, running=MappingProxyType(dict(adopted)),
+                           expected=fact.expected or frozenset(adopted), restarts=fact.restarts), []
         case Boot(folder=folder, snapshot_height=height):
-            return replace(s, folder=folder), [StartBinaries(folder, height)]
+            return replace(s, folder=folder, restarts=fact.restarts), [StartBinaries(folder, height)]
         case StopRequested(signal=sig) if s.phase is not Phase.STOPPING:
             # any phase -> STOPPING: a clean stop, exit 0 once every binary is down
             s = replace(s, phase=Phase.STOPPING, exit_code=0, reason=f"received {sig}", upgrade=None)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from visor import protocol as p, stopper
-from visor.binaries import TrackedBinary
+from visor.binaries import TrackedBinary, runs
 
 log = logging.getLogger("visor")
 ADOPT_WAIT_S = 3.0               # a live runner says hello within ~0.6 s (100 ms reconnect + 0.5 s hello)
@@ -142,11 +142,10 @@ def _parent(pid: int) -> int | None:
 def _running(path: str, args: list[str], known: set[int]) -> list[stopper.Proc]:
     """Processes running `path` with `args` (flags Visor appends allowed after them)."""
     import psutil
-    want = [path, *args]
     found = []
     for proc in psutil.process_iter(["cmdline", "create_time"]):
         try:
-            if proc.pid not in known and (proc.info["cmdline"] or [])[:len(want)] == want:
+            if proc.pid not in known and runs(proc.info["cmdline"] or [], path, args):
                 if (pinned := stopper.pin(proc.pid, proc.info["create_time"], group=True)) is not None:
                     found.append(pinned)
         except psutil.Error:

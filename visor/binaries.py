@@ -101,13 +101,20 @@ class Binaries(dict[str, TrackedBinary]):
         return {b.name: b.record() for b in self.values()}
 
 
+def runs(cmdline: list[str], path: str, args: list[str]) -> bool:
+    """Whether a process's cmdline is `path` run with `args` (then maybe flags Visor appended). A
+    script's cmdline starts with its interpreter (and an option or two), so `path` may come third."""
+    want = [path, *args]
+    return any(cmdline[k:k + len(want)] == want for k in range(3))
+
+
 def find_orphan(path: str, args: list[str], known_pids: set[int]):
-    """A child of ours (the subreaper) running exactly [path, *args] that no runner reported: a runner
-    started it and died before its report was handled. A psutil.Process, or None."""
+    """A child of ours (the subreaper) running [path, *args] that no runner reported: a runner started
+    it and died before its report was handled. A psutil.Process, or None."""
     import psutil
     for child in psutil.Process().children():
         try:
-            if child.pid not in known_pids and child.cmdline() == [path, *args] \
+            if child.pid not in known_pids and runs(child.cmdline(), path, args) \
                     and child.status() != psutil.STATUS_ZOMBIE:
                 return child
         except psutil.Error:

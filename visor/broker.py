@@ -121,15 +121,15 @@ class Broker:
         binaries and the state file says what runs, so the next `visor run` adopts them."""
         reason = f"internal error ({type(err).__name__}: {err})"
         log.debug("the broker's loop failed", exc_info=err)
-        log.error("%s; the node binaries keep running, and the next `visor run` for this home adopts them "
-                  "(run with --log-level DEBUG for the traceback)", reason)
         self._write_state_file(durable=True)
         try:
             self.emit("visor.failed", reason=reason)
             self.sockets.close()
             self.notifier.close()
-        except Exception:            # already failing: the exit code and the line above are what count
+        except Exception:            # already failing: the exit code and the line below are what count
             pass
+        log.error("%s; the node binaries keep running, and the next `visor run` for this home adopts them "
+                  "(--log-level DEBUG shows the traceback)", reason)
         return 1
 
     def _lock(self) -> None:

@@ -13,6 +13,7 @@ one silent past HUNG_AFTER_S is killed and, like any worker that dies, restarted
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import logging
@@ -21,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from visor import protocol, stopper
+from visor import faults, protocol, stopper
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Pool:
         """Forks a worker. `first`: a command it holds from birth, so it can act before its socket is up
         (a runner starts the node at once instead of after a round trip)."""
         w = self.workers.setdefault(name, Worker(name))
+        if w.pid is not None and faults.fires("respawn-fails"):
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))      # as os.fork under a pids limit
         if w.pid is not None and not w.retired:
             w.restarts += 1
         module = MODULES[name.partition(":")[0]]

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import time
 
-from visor import protocol, stopper
+from visor import faults, protocol, stopper
 from visor.errors import NodeError
 from visor.worker import BrokerLink, BrokerLost, Readable, parse_worker_args
 
@@ -61,7 +61,8 @@ def start(name: str, path: str, args: list[str]) -> tuple[HeldBinary | None, pro
     created = stopper.create_time(popen.pid)     # our unreaped child: its pid names it until we wait
     held = HeldBinary(stopper.Proc(popen.pid, os.pidfd_open(popen.pid), group=True, popen=popen),
                       path, args, time.time(), created or 0.0)
-    _fault("runner-exit-after-start")
+    if faults.fires("runner-exit-after-start"):
+        os._exit(9)
     return held, protocol.BinaryStarted(name=name, pid=popen.pid, path=path, args=list(args),
                                         started_at=held.started_at, create_time=held.create_time)
 
@@ -72,15 +73,6 @@ def adopt(name: str, msg: protocol.AdoptBinary) -> tuple[HeldBinary | None, prot
     if proc is None:
         return None, protocol.BinaryExited(name=name, pid=msg.pid, exitcode=UNKNOWN_EXIT)
     return HeldBinary(proc, msg.path, msg.args, msg.started_at, msg.create_time), None
-
-
-def _fault(point: str) -> None:
-    """Test-only fault injection (tests/faults): VISOR_FAULT=<point>:<file> makes this process exit
-    at <point>, once: only while <file> does not exist, which it creates. Inert when unset."""
-    want, _, marker = os.environ.get("VISOR_FAULT", "").partition(":")
-    if want == point and marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(9)
 
 
 def query_segment(path: str, args: list[str]) -> protocol.Segment:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import zmq
 
-from visor import adoption, protocol as p, report, state as st
+from visor import adoption, protocol as p, reexec, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
 from visor.binaries import Binaries, become_subreaper, find_orphan
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
@@ -58,6 +58,8 @@ class Broker:
         self._state_file_dirty = False
         self.started_at = time.time()   # with the pid, tells a re-executed daemon from the one before
         self._workers_spawned = False    # the watchers are forked once the node has started
+        self._environ = dict(os.environ)  # before Notifier takes systemd's variables: a re-exec needs them
+        self._reexec = False
         self.notifier = Notifier()
         self._ready_sent = False
 
@@ -69,6 +71,7 @@ class Broker:
         record = read_state_file(self.home)
         self.sockets = Sockets(self.home.endpoint("broker"), self.home.endpoint("control"),
                                self.home.events_endpoint(self.cfg))
+        reexec.unblock_stop_signals()               # blocked across a `visor restart`'s exec; handled now
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
         try:
@@ -76,6 +79,8 @@ class Broker:
             self._loop()
         except Exception as err:     # a bug, or the OS refusing (EMFILE, EAGAIN): never a reason to stop the node
             return self._crash(err)
+        if self._reexec:
+            reexec.restart_in_place(self, self._environ)
         self._close()
         code, reason = self.exit
         if code == 0:
@@ -97,7 +102,7 @@ class Broker:
         found = adoption.adopt(record, self.sockets, self.pool, self.cfg.stop_timeout_s, expected) \
             if adoption.unclean(record) else adoption.Found()
         self.binaries.update({**found.binaries, **found.orphans})
-        self._write_state_file(durable=True)         # what runs now, before anything is started
+        self.record_state(durable=True)         # what runs now, before anything is started
         if self._pending_upgrade and not found.binaries:
             log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
         if found.pids():
@@ -110,6 +115,7 @@ class Broker:
             self._spawn(f"runner:{name}")
         for exit_ in found.exits:
             self._forget_binary(exit_)
+        self._account_for_binaries()     # a child that ended during a `visor restart` signalled the old code
         if found.pids():
             self._watch()
             self._spawn_workers()
@@ -121,7 +127,7 @@ class Broker:
         binaries and the state file says what runs, so the next `visor run` adopts them."""
         reason = f"internal error ({type(err).__name__}: {err})"
         log.debug("the broker's loop failed", exc_info=err)
-        self._write_state_file(durable=True)
+        self.record_state(durable=True)
         try:
             self.emit("visor.failed", reason=reason)
             self.sockets.close()
@@ -131,6 +137,9 @@ class Broker:
         log.error("%s; the node binaries keep running, and the next `visor run` for this home adopts them "
                   "(--log-level DEBUG shows the traceback)", reason)
         return 1
+
+    def release_lock(self) -> None:
+        self._lock_file.close()
 
     def _lock(self) -> None:
         self._lock_file = open(self.home.runtime / "lock", "a+")
@@ -144,7 +153,7 @@ class Broker:
             self._send(name, p.Shutdown())
         self.pool.shutdown()
         self.binaries.clear()                        # every binary is down: Exit comes only then
-        self._write_state_file(durable=True)
+        self.record_state(durable=True)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class Broker:
                 self._spawn(w.name)
             if self._state_file_dirty:               # after this turn's restarts, not before them
                 self._drain_facts()
-                self._write_state_file()
+                self.record_state()
             if now >= next_hung_check:
                 self.pool.kill_hung(now)
                 next_hung_check = now + 5
@@ -219,7 +228,7 @@ class Broker:
             pending = None
         if pending != self._pending_upgrade:
             self._pending_upgrade = pending
-            self._write_state_file(durable=True)     # before the first stop is sent: it must survive a crash
+            self.record_state(durable=True)     # before the first stop is sent: it must survive a crash
 
     def _tell_systemd(self) -> None:
         text = report.systemd_status(self.state, self.cfg)
@@ -231,7 +240,7 @@ class Broker:
         else:
             self.notifier.status(text)
 
-    def _write_state_file(self, durable: bool = False) -> None:
+    def record_state(self, durable: bool = False) -> None:
         """state.json: the runners and binaries that run (what the next run adopts after a crash), the
         restart count and the upgrade in flight. Durable (fsync) only for the upgrade and at the end: a
         crash of the broker alone keeps the page cache, and a crash of the machine leaves nothing running."""
@@ -496,6 +505,9 @@ class Broker:
                 log.info("`visor stop` asked: stopping")
                 self.feed(st.StopRequested("stop request"))
                 return p.Accepted(pid=os.getpid())
+            case p.RestartRequest() if self.state.phase is not Phase.STOPPING:
+                self._reexec, self.exit = True, (0, "restart requested")
+                return p.Accepted(pid=os.getpid())
         return p.ErrorReply(error=f"unsupported request {request.kind!r}")
 
     # --- helpers ------------------------------------------------------------------------------
@@ -503,7 +515,7 @@ class Broker:
     def _spawn(self, name: str, first=None) -> None:
         w = self.pool.spawn(name, first)
         if name.startswith("runner:"):
-            self._write_state_file()             # recorded before it can report a start: a crash now adopts it
+            self.record_state()             # recorded before it can report a start: a crash now adopts it
         self.emit("worker.started", worker=name, pid=w.pid)
 
     def _assign(self, worker: str, msg) -> None:

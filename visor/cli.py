@@ -26,9 +26,26 @@ def cmd_run(opts) -> int:
 
 def cmd_status(opts) -> int:
     from visor.control import ask_status, render_status
-    status = ask_status(Home(Path(opts.home).absolute()))
+    home = Home(Path(opts.home).absolute())
+    try:
+        status = ask_status(home)
+    except VisorError:
+        from visor.daemonctl import unsupervised
+        if (line := unsupervised(home)) is None:
+            raise
+        raise VisorError(line) from None
     print(json.dumps(status, indent=2) if opts.json else render_status(status))
     return 0
+
+
+def cmd_stop(opts) -> int:
+    from visor.daemonctl import stop
+    return stop(Home(Path(opts.home).absolute()))
+
+
+def cmd_restart(opts) -> int:
+    from visor.daemonctl import restart
+    return restart(Home(Path(opts.home).absolute()))
 
 
 def cmd_events(opts) -> int:
@@ -98,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     _home_arg(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
+    stop = sub.add_parser("stop", help="stop the node binaries and Visor (also what a dead daemon left)")
+    _home_arg(stop)
+    stop.set_defaults(func=cmd_stop)
+    restart = sub.add_parser("restart", help="re-execute the daemon in place; the node binaries keep running")
+    _home_arg(restart)
+    restart.set_defaults(func=cmd_restart)
     events = sub.add_parser("events", help="follow the event stream until interrupted")
     _home_arg(events)
     events.add_argument("--json", action="store_true", help="one JSON object per line")

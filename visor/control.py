@@ -19,22 +19,36 @@ from visor.errors import ConfigError, VisorError
 from visor.home import Home
 
 
-def ask_status(home: Home, timeout_s: float = 2.0) -> dict:
-    """The running daemon's status (SPEC §6); VisorError if none answers within timeout_s."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
+def ask(home: Home, request: p.Message, timeout_s: float = 2.0) -> p.Message | None:
+    """One request to the running daemon on its control socket; None if none answers within timeout_s.
+    Every CLI command that asks the daemon comes through here. Halfway through, the request is sent
+    again: one that reached a daemon just as it re-executed (`visor restart`) is lost with its socket."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.REQ_RELAXED, 1)         # a second send without a reply to the first
+    sock.setsockopt(zmq.REQ_CORRELATE, 1)       # and a late reply to the first is not taken for the second
     try:
         sock.connect(home.endpoint("control"))
-        sock.send(p.encode(p.StatusRequest()))
-        if not sock.poll(timeout_s * 1000):
-            raise VisorError(f"{home.runtime / 'control.sock'}: no visor answered within {timeout_s:g}s "
-                             "(is `visor run` running for this home?)")
+        for wait_s in (timeout_s / 2, timeout_s / 2):
+            sock.send(p.encode(request))
+            if sock.poll(wait_s * 1000):
+                break
+        else:
+            return None
         reply = p.decode(sock.recv())
     finally:
         sock.close()
     if isinstance(reply, p.ErrorReply):
         raise VisorError(f"visor refused the request: {reply.error}")
+    return reply
+
+
+def ask_status(home: Home, timeout_s: float = 2.0) -> dict:
+    """The running daemon's status (SPEC §6); VisorError if none answers within timeout_s."""
+    reply = ask(home, p.StatusRequest(), timeout_s)
+    if reply is None:
+        raise VisorError(f"{home.runtime / 'control.sock'}: no visor answered within {timeout_s:g}s "
+                         "(is `visor run` running for this home?)")
     return reply.status
 
 

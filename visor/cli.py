@@ -38,7 +38,15 @@ def cmd_status(opts) -> int:
     return 0
 
 
+CRASHED = ("exit-code", "signal", "core-dump", "watchdog")     # systemd's SERVICE_RESULT after a crash
+
+
 def cmd_stop(opts) -> int:
+    import os
+    if opts.unless_crashed and os.environ.get("SERVICE_RESULT") in CRASHED:
+        print(f"visor ended ({os.environ['SERVICE_RESULT']}): its binaries keep running for the restarted "
+              "daemon to adopt")
+        return 0
     from visor.daemonctl import stop
     return stop(Home(Path(opts.home).absolute()))
 
@@ -117,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     stop = sub.add_parser("stop", help="stop the node binaries and Visor (also what a dead daemon left)")
     _home_arg(stop)
+    stop.add_argument("--unless-crashed", action="store_true",
+                      help="do nothing when systemd's SERVICE_RESULT says the daemon crashed (ExecStopPost)")
     stop.set_defaults(func=cmd_stop)
     restart = sub.add_parser("restart", help="re-execute the daemon in place; the node binaries keep running")
     _home_arg(restart)

@@ -104,7 +104,11 @@ def test_with_no_daemon_status_names_what_runs_and_stop_ends_it(home, daemon):
     done = run_cli("status", "--home", home.root)
     assert done.returncode == 1 and done.stderr.count("\n") == 1
     assert f"its binaries do, unsupervised: vega (pid {node}, since " in done.stderr
-    done = run_cli("stop", "--home", home.root)
+    # as systemd's ExecStopPost after a crash: the restarted daemon is to adopt them
+    done = run_cli("stop", "--home", home.root, "--unless-crashed", env={**os.environ, "SERVICE_RESULT": "signal"})
+    assert done.returncode == 0 and alive(node)
+    # ... and after a stop whose daemon had to be killed (hung): the node is stopped
+    done = run_cli("stop", "--home", home.root, "--unless-crashed", env={**os.environ, "SERVICE_RESULT": "timeout"})
     assert done.returncode == 0, done.stderr
     assert not processes_of(home.root) and lifecycle(home) == ["started", "stopped"]
     done = run_cli("stop", "--home", home.root)           # nothing runs: still 0

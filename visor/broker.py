@@ -10,21 +10,22 @@ in the loop ends the broker alone: nothing is stopped or signalled, and the next
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
 import signal
 import time
-from dataclasses import replace
 
 import zmq
 
-from visor import adoption, protocol as p, reexec, report, state as st
+from visor import protocol as p, reexec, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
-from visor.binaries import Binaries, become_subreaper, find_orphan
+from visor.binaries import Binaries, become_subreaper
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
-from visor.home import Home, read_state_file, switch_current, write_state_file
+from visor.home import Home, read_state_file, switch_current
+from visor.custody import SPAWN_WORKERS_AFTER_S, Custody
 from visor.logs import setup_logging
 from visor.notify import Notifier
 from visor.pool import Pool
@@ -33,10 +34,9 @@ from visor.state import Phase
 
 log = logging.getLogger("visor")          # workers log under their own names
 STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
-SPAWN_WORKERS_AFTER_S = 1.0      # the watchers start with the first binary, or after this at the latest
 
 
-class Broker:
+class Broker(Custody):
     def __init__(self, home: Home, log_level: str | None = None):
         self.home = home
         home.ensure_ready()
@@ -91,52 +91,6 @@ class Broker:
         self.sockets.close()
         self.notifier.close()
         return code
-
-    def _boot(self, record: dict) -> None:
-        """Adopts what the previous run left (nothing is started before it is), then one Boot fact."""
-        folder = self.home.current_folder().name
-        pending = record.get("pending") or {}
-        if pending.get("folder") == folder:          # killed after the switch, before the node came up
-            self._pending_upgrade = pending
-        expected = {name: (str(b.path), list(b.args)) for name, b in self.run_config.binaries().items()}
-        found = adoption.adopt(record, self.sockets, self.pool, self.cfg.stop_timeout_s, expected) \
-            if adoption.unclean(record) else adoption.Found()
-        self.binaries.update({**found.binaries, **found.orphans})
-        self.record_state(durable=True)         # what runs now, before anything is started
-        if self._pending_upgrade and not found.binaries:
-            log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
-        if found.pids():
-            log.info("adopted from the previous run: %s", ", ".join(f"{n} pid {pid}" for n, pid in found.pids().items()))
-        self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height"),
-                          adopted=found.pids(), expected=frozenset(expected),
-                          restarts=int(record.get("restarts") or 0) if found.pids() else 0,
-                          upgrade=self._pending_upgrade))
-        for name in found.orphans:                   # our children: a new runner takes each on
-            self._spawn(f"runner:{name}")
-        for exit_ in found.exits:
-            self._forget_binary(exit_)
-        self._account_for_binaries()     # a child that ended during a `visor restart` signalled the old code
-        if found.pids():
-            self._watch()
-            self._spawn_workers()
-        else:
-            self.timers["spawn-workers"] = time.monotonic() + SPAWN_WORKERS_AFTER_S
-
-    def _crash(self, err: Exception) -> int:
-        """The loop failed: leave alone, as a kill -9 would, with one line. The runners keep their
-        binaries and the state file says what runs, so the next `visor run` adopts them."""
-        reason = f"internal error ({type(err).__name__}: {err})"
-        log.debug("the broker's loop failed", exc_info=err)
-        self.record_state(durable=True)
-        try:
-            self.emit("visor.failed", reason=reason)
-            self.sockets.close()
-            self.notifier.close()
-        except Exception:            # already failing: the exit code and the line below are what count
-            pass
-        log.error("%s; the node binaries keep running, and the next `visor run` for this home adopts them "
-                  "(--log-level DEBUG shows the traceback)", reason)
-        return 1
 
     def release_lock(self) -> None:
         self._lock_file.close()
@@ -217,19 +171,6 @@ class Broker:
             for action in actions:
                 self._execute(action)
 
-    def _remember_upgrade(self) -> None:
-        """Writes down an upgrade before its first stop is sent, and forgets it once the new node has
-        answered: a broker killed in between starts the new folder from the upgrade block again."""
-        u, s = self.state.upgrade, self.state
-        pending = self._pending_upgrade
-        if u and u.step in (st.Step.STOPPING, st.Step.STARTING):
-            pending = {"tag": u.tag, "folder": u.folder, "height": u.height}
-        elif s.phase is Phase.RUNNING and not s.first_budget:    # it answered since it started
-            pending = None
-        if pending != self._pending_upgrade:
-            self._pending_upgrade = pending
-            self.record_state(durable=True)     # before the first stop is sent: it must survive a crash
-
     def _tell_systemd(self) -> None:
         text = report.systemd_status(self.state, self.cfg)
         if self.state.phase is Phase.STOPPING:
@@ -239,19 +180,6 @@ class Broker:
             self.notifier.ready(text)
         else:
             self.notifier.status(text)
-
-    def record_state(self, durable: bool = False) -> None:
-        """state.json: the runners and binaries that run (what the next run adopts after a crash), the
-        restart count and the upgrade in flight. Durable (fsync) only for the upgrade and at the end: a
-        crash of the broker alone keeps the page cache, and a crash of the machine leaves nothing running."""
-        self._state_file_dirty = False
-        record = {"runners": self.pool.records(), "binaries": self.binaries.records(),
-                  "restarts": self.state.restarts, "pending": self._pending_upgrade}
-        try:
-            write_state_file(self.home, record, durable=durable)
-        except OSError as err:       # a full disk must not end Visor: the node matters more than the file
-            log.error("cannot write %s: %s; a crash now would lose what it records", self.home.state_file,
-                      err.strerror or err)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -359,14 +287,8 @@ class Broker:
                 self.feed(msg)
             case p.UpgradeStatus() | p.RpcFailed():
                 self.feed(msg)
-            case p.FetchStarted(tag=tag, asset=asset):
-                self.emit("fetch.started", tag=tag, asset=asset)
-            case p.FetchProgress(tag=tag, asset=asset, bytes=done, total=total):
-                self.emit("fetch.progress", tag=tag, asset=asset, bytes=done, total=total)
-            case p.FetchCompleted(tag=tag, asset=asset, sha256=sha):
-                self.emit("fetch.completed", tag=tag, asset=asset, sha256=sha)
-            case p.FetchFailed(tag=tag, asset=asset, error=error):
-                self.emit("fetch.failed", tag=tag, asset=asset, error=error)
+            case p.FetchStarted() | p.FetchProgress() | p.FetchCompleted() | p.FetchFailed():
+                self.emit(msg.kind.replace("_", "."), **dataclasses.asdict(msg))   # fetch_started -> fetch.started
             case p.ConfigLoaded(values=values, warnings=warnings):
                 self._reload(values, warnings)
             case p.ConfigRejected(error=error):
@@ -375,60 +297,6 @@ class Broker:
                 self.emit("config.rejected", error=error)
             case _:
                 log.warning("%s sent %s, which is not a report", name, msg.kind)
-
-    def _on_hello(self, name: str, pid: int) -> None:
-        binary = self.binaries.get(name.partition(":")[2]) if name.startswith("runner:") else None
-        if binary is not None and binary.runner_pid != pid:
-            # a new runner takes over a binary whose runner died; the binary was never touched
-            binary.runner_pid = pid
-            self._send(name, binary.adopt_command(self.cfg.stop_timeout_s))
-            if binary.stop_sent:
-                self._send(name, p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
-        if name in self.assignments and self.assignments[name] is not self.pool.workers[name].born_with:
-            self._send(name, self.assignments[name])
-
-    def _forget_binary(self, msg: p.BinaryExited) -> None:
-        if not self.binaries.forget(msg):
-            return                                   # already reported by the other side
-        if not self.binaries:
-            self.timers.pop("stop-watchdog", None)
-        self.feed(msg)
-        self._state_file_dirty = True
-
-    def _on_worker_exit(self, worker, now: float) -> None:
-        pid = worker.pid
-        code = self.pool.reap(worker, now)
-        log.log(logging.INFO if worker.retired else logging.WARNING, "%s (pid %s) exited with code %s",
-                worker.name, pid, code)
-        self.emit("worker.exited", worker=worker.name, pid=pid, exitcode=code)
-        if worker.name.startswith("runner:"):
-            self._state_file_dirty = True
-            self._find_started(worker)       # it may have died between its start and its report
-            self._account_for_binaries()     # its binary is now our child, or ended unreported
-
-    def _find_started(self, worker) -> None:
-        """Before its start is sent again to a new runner: a binary the dead runner started is now our
-        child (subreaper). Found, it is taken as started, and the new runner adopts it: never two copies."""
-        start, name = self.assignments.get(worker.name), worker.name.partition(":")[2]
-        if not isinstance(start, p.StartBinary) or name in self.binaries:
-            return
-        child = find_orphan(start.path, start.args, {w.pid for w in self.pool.workers.values()})
-        if child is None:
-            return                                   # it died before starting it: the start is sent again
-        log.warning("%s died before reporting that it started %s (pid %d): adopting it", worker.name, name, child.pid)
-        self.assignments.pop(worker.name)
-        created = child.create_time()
-        self._on_report(worker.name, worker, p.BinaryStarted(name=name, pid=child.pid, path=start.path,
-                                                             args=list(start.args), started_at=created,
-                                                             create_time=created))
-
-    def _account_for_binaries(self) -> None:
-        """Reports binaries that ended with no runner to report them: reaped by us, or vanished."""
-        workers = self.pool.workers.values()
-        for exit_ in self.binaries.reap_orphans({w.pid for w in workers}):
-            self._forget_binary(exit_)
-        for exit_ in self.binaries.vanished({w.pid for w in workers if w.alive}):
-            self._forget_binary(exit_)
 
     def _on_signals(self) -> None:
         for signum in self.sockets.signals():
@@ -485,7 +353,7 @@ class Broker:
         if not changed and not self._rejected:
             return                                   # e.g. a restarted config watcher's first report
         self._file_cfg, self._rejected = new, False
-        self.cfg = replace(new, events_endpoint=self.cfg.events_endpoint,   # bound at start
+        self.cfg = dataclasses.replace(new, events_endpoint=self.cfg.events_endpoint,   # bound at start
                            metrics_listen=self.cfg.metrics_listen)
         if "logLevel" in changed or "logFormat" in changed:
             setup_logging(new.log_format, new.log_level)

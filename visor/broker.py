@@ -60,6 +60,7 @@ class Broker(Custody):
         self._workers_spawned = False    # the watchers are forked once the node has started
         self._environ = dict(os.environ)  # before Notifier takes systemd's variables: a re-exec needs them
         self._reexec = False
+        self._booted = False             # adoption done and recorded: from then on the state file is ours
         self.notifier = Notifier()
         self._ready_sent = False
 
@@ -373,7 +374,9 @@ class Broker(Custody):
                 log.info("`visor stop` asked: stopping")
                 self.feed(st.StopRequested("stop request"))
                 return p.Accepted(pid=os.getpid())
-            case p.RestartRequest() if self.state.phase is not Phase.STOPPING:
+            case p.RestartRequest() if self.state.phase is Phase.STOPPING:
+                return p.ErrorReply(error="stopping; a restart is not possible now")
+            case p.RestartRequest():
                 self._reexec, self.exit = True, (0, "restart requested")
                 return p.Accepted(pid=os.getpid())
         return p.ErrorReply(error=f"unsupported request {request.kind!r}")

@@ -33,6 +33,7 @@ class Custody:
             if adoption.unclean(record) else adoption.Found()
         self.binaries.update({**found.binaries, **found.orphans})
         self.record_state(durable=True)         # what runs now, before anything is started
+        self._booted = True
         if self._pending_upgrade and not found.binaries:
             log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
         if found.pids():
@@ -57,7 +58,8 @@ class Custody:
         binaries and the state file says what runs, so the next `visor run` adopts them."""
         reason = f"internal error ({type(err).__name__}: {err})"
         log.debug("the broker's loop failed", exc_info=err)
-        self.record_state(durable=True)
+        if self._booted:                         # before, the previous run's record is still the truth
+            self.record_state(durable=True)
         try:
             self.emit("visor.failed", reason=reason)
             self.sockets.close()

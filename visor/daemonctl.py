@@ -20,6 +20,7 @@ from visor.errors import ConfigError, VisorError
 from visor.home import Home, read_state_file, write_state_file
 
 RESTART_TIMEOUT_S = 60.0         # adoption waits 3 s at most; the rest is a slow machine's start-up
+BUSY_DAEMON_S = 10.0             # a daemon ending a previous run's leftovers answers after stopSignalTimeout
 
 
 @contextmanager
@@ -39,17 +40,24 @@ def no_daemon(home: Home):
 
 
 def stop(home: Home) -> int:
-    reply = ask(home, p.StopRequest())
-    if reply is not None:
-        return _wait_gone(home, reply.pid)
-    with no_daemon(home) as none:
-        if not none:
+    stop_timeout_s = _stop_timeout_s(home)
+    deadline = time.monotonic() + stop_timeout_s + BUSY_DAEMON_S
+    while (reply := ask(home, p.StopRequest())) is None:
+        with no_daemon(home) as none:
+            if none:
+                return _end_leftovers(home, stop_timeout_s)
+        if time.monotonic() > deadline:         # it holds the lock but never answers: hung
             raise VisorError(f"{home.runtime / 'control.sock'}: the daemon of {home.root} runs but does not "
-                             f"answer; try again, or SIGTERM it")
-        record = read_state_file(home)
-        ended = adoption.end_all(record, _stop_timeout_s(home))
-        if adoption.unclean(record):
-            write_state_file(home, {**record, "runners": {}, "binaries": {}})
+                             f"answer; SIGTERM it (or SIGKILL, then `visor stop` again)")
+    return _wait_gone(home, reply.pid)
+
+
+def _end_leftovers(home: Home, stop_timeout_s: float) -> int:
+    """With the home's lock held: ends what the state file records, and records that nothing runs."""
+    record = read_state_file(home)
+    ended = adoption.end_all(record, stop_timeout_s)
+    if adoption.unclean(record):
+        write_state_file(home, {**record, "runners": {}, "binaries": {}})
     print(f"{home.root}: stopped {ended} processes a previous `visor run` left" if ended
           else f"{home.root}: nothing runs")
     return 0

@@ -67,6 +67,7 @@ class BrokerLink:
         self.outlive = outlive
         self._greeting = greeting                # reports that follow every Hello (a runner's Holding)
         self._next_hello = float("inf")          # while no broker is up
+        self._lost_unsaid = False                # lost in send(): receive() still owes BrokerLost
         self._first = protocol.decode(bytes.fromhex(first)) if first else None
         self._broker_pid = broker_pid or os.getppid()
         self._broker_fd = -1
@@ -112,6 +113,7 @@ class BrokerLink:
         os.close(self._broker_fd)
         self._broker_fd = -1
         self._next_hello = time.monotonic()
+        self._lost_unsaid = True
 
     def send(self, msg) -> bool:
         """Sends a report; raises BrokerGone if the broker has exited (a worker busy with a long job,
@@ -149,6 +151,9 @@ class BrokerLink:
             first, self._first = self._first, None
             return first
         while True:
+            if self._lost_unsaid:                # here, or noticed by a send()
+                self._lost_unsaid = False
+                return BrokerLost()
             poller = zmq.Poller()
             poller.register(self._sock, zmq.POLLIN)
             if self.broker_up:
@@ -171,7 +176,7 @@ class BrokerLink:
                 if not self.outlive:
                     raise BrokerGone
                 self._lose_broker()
-                return BrokerLost()
+                continue
             if self._sock in ready:
                 try:
                     msg = protocol.decode(self._sock.recv())

@@ -123,7 +123,8 @@ def end(procs: list[Proc], timeout_s: float, first: int | None = signal.SIGTERM,
             p.signal(first)
     stubborn = wait_ended(procs, timeout_s)
     for p in stubborn:
-        log.warning("%s (pid %d) still up %.0fs after SIGTERM: killing it", what or "process", p.pid, timeout_s)
+        log.warning("%s (pid %d) still up%s after %s: killing it", what or "process", p.pid,
+                    f" {timeout_s:g}s" if timeout_s else "", signal.Signals(first).name if first else "it was told to leave")
         p.signal(signal.SIGKILL)
     wait_ended(stubborn, KILL_WAIT_S)
     codes = {p.pid: p.reap() for p in procs}

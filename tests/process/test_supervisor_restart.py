@@ -114,3 +114,18 @@ def test_with_no_daemon_status_names_what_runs_and_stop_ends_it(home, daemon):
     done = run_cli("stop", "--home", home.root)           # nothing runs: still 0
     assert done.returncode == 0 and "nothing runs" in done.stdout
     assert "no visor answered" in run_cli("status", "--home", home.root).stderr
+
+
+def test_restart_kills_a_runner_that_does_not_hand_over_and_adopts_its_node(home, daemon, events, monkeypatch):
+    """A runner of older code does not know HandOver (VISOR_FAULT, visor/faults.py): it is killed after
+    3 s; its node, the daemon's child by then, is adopted by the new code all the same."""
+    monkeypatch.setenv("VISOR_FAULT", f"runner-ignores-handover:{home.root}/fault-fired")
+    daemon.start()
+    before = daemon.wait_running()
+    node, runner = before["binaries"]["vega"]["pid"], before["workers"]["runner:vega"]["pid"]
+    done = run_cli("restart", "--home", home.root)
+    assert done.returncode == 0, done.stderr
+    after = daemon.wait_running()
+    assert after["binaries"]["vega"]["pid"] == node and after["workers"]["runner:vega"]["pid"] != runner
+    assert f"worker (pid {runner}) still up" in daemon.stderr
+    assert lifecycle(home) == ["started"] and not alive(runner)

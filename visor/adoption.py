@@ -96,7 +96,22 @@ def adopt(record: dict, sockets, pool, stop_timeout_s: float, expected: dict[str
                                 name, proc.pid)
                     to_end.append(proc)
     stopper.end(to_end, stop_timeout_s, what="binary of the previous run")
+    if found.pids():
+        _report_ended(record, found)
     return found
+
+
+def _report_ended(record: dict, found: Found) -> None:
+    """Something was adopted, so the node is not started afresh: every other recorded binary (ended
+    while no broker was up, with nobody left to tell its code, or ended above) is reported as an exit
+    with an unknown code (-1), so that it counts as a failure and the restart policy applies."""
+    for name, r in (record.get("binaries") or {}).items():
+        if isinstance(r, dict) and name not in found.binaries and name not in found.orphans:
+            log.warning("%s (pid %s) of the previous run ended while no visor was up; exit code unknown",
+                        name, r.get("pid"))
+            found.binaries[name] = TrackedBinary(name, r["pid"], r["path"], list(r["args"]), r["started_at"], 0,
+                                                 r["create_time"])
+            found.exits.append(p.BinaryExited(name=name, pid=r["pid"], exitcode=-1))
 
 
 def _wait_for(sockets, waiting: dict[str, str], pinned: dict[str, stopper.Proc]):

@@ -207,6 +207,8 @@ class Broker(Custody):
                 self._execute(st.Prepare(tag, folder, fetch=self.cfg.auto_install))
             case st.QuerySegment():
                 dn = self.run_config.data_node
+                if "runner:data_node" not in self.pool.workers:    # its runner died with a previous broker
+                    self._spawn("runner:data_node")
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))
             case st.Schedule(name=name, after_s=after_s) if after_s <= 0:
                 self.feed(st.Timer(name))        # due now: not after one more turn through the poller

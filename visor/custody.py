@@ -36,8 +36,8 @@ class Custody:
         self._booted = True
         if self._pending_upgrade and not found.binaries:
             log.warning("resuming the upgrade to %s: starting from block %s", folder, pending.get("height"))
-        if found.pids():
-            log.info("adopted from the previous run: %s", ", ".join(f"{n} pid {pid}" for n, pid in found.pids().items()))
+        if alive := {n: pid for n, pid in found.pids().items() if n not in {e.name for e in found.exits}}:
+            log.info("adopted from the previous run: %s", ", ".join(f"{n} pid {pid}" for n, pid in alive.items()))
         self.feed(st.Boot(folder, self._pending_upgrade and self._pending_upgrade.get("height"),
                           adopted=found.pids(), expected=frozenset(expected),
                           restarts=int(record.get("restarts") or 0) if found.pids() else 0,

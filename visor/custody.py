@@ -46,6 +46,9 @@ class Custody:
             self._spawn(f"runner:{name}")
         for exit_ in found.exits:
             self._forget_binary(exit_)
+        for name in sorted(expected.keys() - found.pids().keys()) if found.pids() else ():
+            # adopted in part: a binary of `current` that nothing runs or records is a failed start
+            self.feed(p.StartFailed(name=name, error="not running when this visor started"))
         self._account_for_binaries()     # a child that ended during a `visor restart` signalled the old code
         if found.pids():
             self._watch()

@@ -264,3 +264,18 @@ def test_nothing_but_the_runner_and_its_node_outlive_the_broker(home, daemon, ce
     for pid in keep:
         os.kill(pid, signal.SIGKILL)
     assert left == keep, f"running after the broker's kill: {left - keep} besides the runner and its node"
+
+
+def test_a_binary_of_current_that_nothing_runs_is_a_failed_start_after_adoption(home, daemon, events, census):
+    """Adopted in part (here the run-config gained a data node while no visor ran): what is missing is
+    started with the rest by the restart policy, rather than never."""
+    daemon.start()
+    vega = wait_running(home)["binaries"]["vega"]["pid"]
+    kill_broker(daemon, home)
+    home.stage("genesis", "v0.72.1", data_node=["datanode", "start"])
+    daemon.start()
+    events.wait_for("binary.restart_scheduled", restarts=1)
+    assert events.wait_for("binary.exited", pid=vega)["exitcode"] == 0
+    status = wait_running(home)
+    assert set(status["binaries"]) == {"vega", "data_node"} and "not running when this visor started" in \
+        status["reason"]

@@ -14,7 +14,6 @@ import dataclasses
 import fcntl
 import logging
 import os
-import signal
 import time
 
 import zmq
@@ -25,7 +24,7 @@ from visor.binaries import Binaries, become_subreaper
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
 from visor.home import Home, read_state_file, switch_current
-from visor.custody import SPAWN_WORKERS_AFTER_S, Custody
+from visor.custody import SPAWN_WORKERS_AFTER_S, STOP_GRACE_S, Custody
 from visor.logs import setup_logging
 from visor.notify import Notifier
 from visor.pool import Pool
@@ -33,7 +32,6 @@ from visor.sockets import Sockets
 from visor.state import Phase
 
 log = logging.getLogger("visor")          # workers log under their own names
-STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
 
 
 class Broker(Custody):
@@ -244,13 +242,6 @@ class Broker(Custody):
         self._assign("upgrade-watcher", p.Watch(socket_path=rc.socket_path, http_path=rc.http_path,
                                                 interval_ms=self.cfg.status_interval_ms))
 
-    def _stop_binaries(self) -> None:
-        for b in self.binaries.values():
-            if not b.stop_sent:
-                b.stop_sent = True
-                self._send(f"runner:{b.name}", p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
-        self.timers["stop-watchdog"] = time.monotonic() + self.cfg.stop_timeout_s + STOP_GRACE_S
-
     # --- what comes in ------------------------------------------------------------------------
 
     def _on_worker_frames(self) -> None:
@@ -300,22 +291,6 @@ class Broker(Custody):
                 self.emit("config.rejected", error=error)
             case _:
                 log.warning("%s sent %s, which is not a report", name, msg.kind)
-
-    def _on_signals(self) -> None:
-        for signum in self.sockets.signals():
-            if signum == signal.SIGCHLD:
-                for exit_ in self.binaries.reap_orphans({w.pid for w in self.pool.workers.values()}):
-                    self._forget_binary(exit_)
-            elif signum in (signal.SIGTERM, signal.SIGINT) and self.state.phase is Phase.STOPPING:
-                # a second Ctrl-C: the operator will not wait for stopSignalTimeoutSeconds
-                log.warning("received %s again: killing the binaries now", signal.Signals(signum).name)
-                for b in self.binaries.values():
-                    b.stop_sent = True
-                self.binaries.kill_stopped()
-                self._account_for_binaries()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("received %s: stopping", signal.Signals(signum).name)
-                self.feed(st.StopRequested(signal.Signals(signum).name))
 
     def _spawn_workers(self) -> None:
         """The workers besides the runners. They start once the node has, so that on a small machine

@@ -3,13 +3,15 @@
 What it knows runs is written to the state file before it can change (a runner is recorded before it
 can start anything); at start it first adopts what a previous run left (adoption.py); when a runner
 dies it accounts for that runner's binary (ours now, as its subreaper: reaped, found, or adopted by a
-new runner); when the loop fails it leaves everything running for the next run to adopt. It uses the
-Broker's pool, sockets, binary table, feed and emit, and decides nothing: state.step does.
+new runner); it sends the stops, and carries out stop signals (a second one kills at once); when the
+loop fails it leaves everything running for the next run to adopt. It uses the Broker's pool,
+sockets, binary table, feed and emit, and decides nothing: state.step does.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 from visor import adoption, protocol as p, state as st
@@ -19,6 +21,7 @@ from visor.state import Phase
 
 log = logging.getLogger("visor")
 SPAWN_WORKERS_AFTER_S = 1.0      # the watchers start with the first binary, or after this at the latest
+STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
 
 
 class Custody:
@@ -152,3 +155,26 @@ class Custody:
             self._forget_binary(exit_)
         for exit_ in self.binaries.vanished({w.pid for w in workers if w.alive}):
             self._forget_binary(exit_)
+
+    def _stop_binaries(self) -> None:
+        for b in self.binaries.values():
+            if not b.stop_sent:
+                b.stop_sent = True
+                self._send(f"runner:{b.name}", p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
+        self.timers["stop-watchdog"] = time.monotonic() + self.cfg.stop_timeout_s + STOP_GRACE_S
+
+    def _on_signals(self) -> None:
+        for signum in self.sockets.signals():
+            if signum == signal.SIGCHLD:
+                for exit_ in self.binaries.reap_orphans({w.pid for w in self.pool.workers.values()}):
+                    self._forget_binary(exit_)
+            elif signum in (signal.SIGTERM, signal.SIGINT) and self.state.phase is Phase.STOPPING:
+                # a second Ctrl-C: the operator will not wait for stopSignalTimeoutSeconds
+                log.warning("received %s again: killing the binaries now", signal.Signals(signum).name)
+                for b in self.binaries.values():
+                    b.stop_sent = True
+                self.binaries.kill_stopped()
+                self._account_for_binaries()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                self.feed(st.StopRequested(signal.Signals(signum).name))

@@ -16,12 +16,14 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from visor import protocol as p, stopper
 
 log = logging.getLogger("visor")
 PR_SET_CHILD_SUBREAPER = 36
+EXEC_WAIT_S = 0.2                # a forked child execs within microseconds; a loaded machine, milliseconds
 
 
 @dataclass
@@ -110,16 +112,26 @@ def runs(cmdline: list[str], path: str, args: list[str]) -> bool:
 
 def find_orphan(path: str, args: list[str], known_pids: set[int]):
     """A child of ours (the subreaper) running [path, *args] that no runner reported: a runner started
-    it and died before its report was handled. A psutil.Process, or None."""
+    it and died before its report was handled. A psutil.Process, or None. A child still showing our own
+    command line was forked by the runner and not yet executed: it is given EXEC_WAIT_S to."""
     import psutil
-    for child in psutil.Process().children():
-        try:
-            if child.pid not in known_pids and runs(child.cmdline(), path, args) \
-                    and child.status() != psutil.STATUS_ZOMBIE:
-                return child
-        except psutil.Error:
-            continue
-    return None
+    me = psutil.Process()
+    deadline = time.monotonic() + EXEC_WAIT_S
+    while True:
+        forked = False
+        for child in me.children():
+            try:
+                if child.pid in known_pids or child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmdline = child.cmdline()
+                if runs(cmdline, path, args):
+                    return child
+                forked |= cmdline == me.cmdline()
+            except psutil.Error:
+                continue
+        if not forked or time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 def become_subreaper() -> None:

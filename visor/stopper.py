@@ -58,6 +58,8 @@ class Proc:
     popen: subprocess.Popen | None = None
 
     def signal(self, sig: int) -> None:
+        if self.pidfd < 0:
+            return                                   # closed: it has ended and been dealt with
         try:
             signal.pidfd_send_signal(self.pidfd, sig)
         except ProcessLookupError:

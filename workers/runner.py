@@ -99,6 +99,7 @@ class Runner:
         held = self.held
         code = held.proc.reap()
         held.proc.close()
+        held.kill_at = float("inf")              # nothing left to kill
         if link.broker_up and (code is None or link.send(protocol.BinaryExited(self.name, held.pid, code))):
             self.held = None
             return

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Visor against supervisord, circus and a direct Popen/waitpid loop: restart latency, launch -> first
-exec, output pass-through, idle footprint; and Visor's upgrade detection and downtime.
+exec, output pass-through, idle footprint; and Visor's upgrade detection and downtime, and how soon a
+node is supervised again after a kill -9 of Visor (bench/adopt.py).
 
-    bench/run [--quick] [--visor-root PATH] [--only restart,launch,output,idle,upgrade]
+    bench/run [--quick] [--visor-root PATH] [--only restart,launch,output,idle,upgrade,adopt]
 
 Sets up bench/.venv (supervisor, circus and Visor's own dependencies from PyPI) on first use and
 re-runs itself inside it. Contenders run interleaved, round by round in rotating order, on this
@@ -26,7 +27,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 VENV = BENCH / ".venv"
 NEEDS = ["supervisor", "circus", "pyzmq", "msgpack", "psutil", "requests", "tomli-w", "inotify_simple", "tqdm"]
-TESTS = ("launch", "restart", "output", "idle", "upgrade")
+TESTS = ("launch", "restart", "output", "idle", "upgrade", "adopt")
 
 # per run mode: rounds; warm-up run of each contender; launches per contender per round; restarts
 # counted per run and its time limit (crash at once, crash at a random time); MiB written per output
@@ -34,10 +35,10 @@ TESTS = ("launch", "restart", "output", "idle", "upgrade")
 PLANS = {
     "default": dict(rounds=3, warmup_s=3.0, launches=2, restarts=100, restart_limit_s=4.0, random_restarts=60,
                     random_limit_s=5.0, mib=512, passes=3, output_limit_s=17.0, idle_s=30.0, upgrades=10,
-                    interval_ms=1000),
+                    interval_ms=1000, adoptions=20),
     "quick": dict(rounds=1, warmup_s=1.0, launches=2, restarts=50, restart_limit_s=3.0, random_restarts=30,
                   random_limit_s=4.0, mib=512, passes=2, output_limit_s=10.0, idle_s=10.0, upgrades=4,
-                  interval_ms=1000),
+                  interval_ms=1000, adoptions=5),
 }
 
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     root = snapshot(checkout, base / "src")  # the code measured stays the same while others edit theirs
     sys.path.insert(0, str(root))            # visor and tests.* of the checkout being measured
     sys.path.insert(0, str(BENCH))
+    import adopt
     import contenders as cs
     import measure
     import report
@@ -150,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"upgrade: {plan['upgrades']} upgrades, status interval {plan['interval_ms']} ms", flush=True)
             up = upgrade.run(base / "upgrade", py, root, plan["upgrades"], plan["interval_ms"])
             configs["visor (upgrade)"] = up.pop("config").replace(str(base), "$WORK").replace(py, "$PY")
+        if "adopt" in only and "visor" in names:
+            print(f"adopt: {plan['adoptions']} kill -9 of `visor run`, each followed by a new one", flush=True)
+            (base / "adopt").mkdir()
+            info["adopt"] = adopt.run(base / "adopt", py, root, plan["adoptions"])
     finally:                                 # even on ^C, SIGTERM or a closed stdout: nothing stays behind
         for c in pool:
             try:
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {key}\n{text.rstrip()}")
     rows = report.targets(samples, up, plan["interval_ms"])
     text = "\n\n".join([report.table(samples, info.get("child_stdout", {})), report.upgrade_table(up) if up else "",
+                        adopt.summary(info["adopt"]) if "adopt" in info else "",
                         report.footprint_text(info.get("idle", {})), report.targets_text(rows)])
     print(f"\n== results ({info['mode']} run, {time.monotonic() - t_start:.0f} s) ==\n{text}")
     _save(info, samples, up, configs, text)

@@ -3,9 +3,11 @@
 psutil is imported where it is used: most starts never need it before the first binary runs.
 
 Runners start and stop binaries; this table records what they reported, so the broker can give a
-binary to a new runner when its runner dies, reap it as a child subreaper, notice one that vanished
-with nobody left to report it, kill one that outlives its stop, and, at start-up, end binaries a
-killed broker left behind. It decides nothing: what happens next is state.step's.
+binary to a new runner when its runner dies, reap it as a child subreaper, find one a runner started
+and died before reporting, notice one that vanished with nobody left to report it, kill one that
+outlives its stop, and write down in the state file what runs (see adoption.py for its use). Every
+signal goes through a pidfd checked against the binary's start time (stopper.pin). It decides
+nothing: what happens next is state.step's.
 """
 
 from __future__ import annotations
@@ -14,31 +16,42 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
-from visor import protocol as p
+from visor import protocol as p, stopper
 
 log = logging.getLogger("visor")
 PR_SET_CHILD_SUBREAPER = 36
+EXEC_WAIT_S = 0.2                # a forked child execs within microseconds; a loaded machine, milliseconds
 
 
 @dataclass
-class Binary:                    # a running node binary, as the broker knows it
+class TrackedBinary:             # a running node binary, as the broker knows it
     name: str
     pid: int
     path: str
     args: list[str]
     started_at: float
     runner_pid: int              # the runner that started or adopted it
+    create_time: float = 0.0     # with the pid, what names the process
     stop_sent: bool = False
 
     def row(self) -> dict:
         return {"pid": self.pid, "path": self.path, "args": self.args, "started_at": self.started_at}
 
+    def record(self) -> dict:
+        return {**self.row(), "create_time": self.create_time}
 
-class Binaries(dict[str, Binary]):
+    def adopt_command(self, stop_timeout_s: float) -> p.AdoptBinary:
+        return p.AdoptBinary(pid=self.pid, path=self.path, args=self.args, stop_timeout_s=stop_timeout_s,
+                             create_time=self.create_time, started_at=self.started_at)
+
+
+class Binaries(dict[str, TrackedBinary]):
     def started(self, msg: p.BinaryStarted, runner_pid: int) -> None:
-        self[msg.name] = Binary(msg.name, msg.pid, msg.path, list(msg.args), msg.started_at, runner_pid)
+        self[msg.name] = TrackedBinary(msg.name, msg.pid, msg.path, list(msg.args), msg.started_at, runner_pid,
+                                       msg.create_time or stopper.create_time(msg.pid) or 0.0)
 
     def forget(self, msg: p.BinaryExited) -> bool:
         """Removes the binary an exit report is about; False if it was already reported."""
@@ -68,62 +81,66 @@ class Binaries(dict[str, Binary]):
 
     def vanished(self, live_runner_pids: set[int]) -> list[p.BinaryExited]:
         """Binaries gone with no runner left to report them (their exit code is lost)."""
-        import psutil
         exits = []
         for b in self.values():
-            if b.runner_pid not in live_runner_pids and not psutil.pid_exists(b.pid):
+            if b.runner_pid not in live_runner_pids and not stopper.same_start(stopper.create_time(b.pid),
+                                                                                 b.create_time):
                 log.warning("%s (pid %d) ended while its runner was down; exit code unknown", b.name, b.pid)
                 exits.append(p.BinaryExited(name=b.name, pid=b.pid, exitcode=-1))
         return exits
 
     def kill_stopped(self) -> None:
         """SIGKILL for every binary told to stop that is still up (its runner did not finish the job)."""
-        import psutil
         for b in self.values():
-            if b.stop_sent and psutil.pid_exists(b.pid):
-                log.warning("%s (pid %d) still up after stop: killing it", b.name, b.pid)
-                for kill in (os.killpg, os.kill):
-                    try:
-                        kill(b.pid, signal.SIGKILL)
-                        break
-                    except (ProcessLookupError, PermissionError):
-                        continue
+            if b.stop_sent and (proc := stopper.pin(b.pid, b.create_time, group=True)) is not None:
+                if not proc.ended():
+                    log.warning("%s (pid %d) still up after stop: killing it", b.name, b.pid)
+                    proc.signal(signal.SIGKILL)
+                proc.close()
 
-    def memory(self) -> dict:
-        """For state.json: pid and start time, so a later start can tell the process is still the same."""
-        import psutil
-        remembered = {}
-        for b in self.values():
+    def records(self) -> dict:
+        """For the state file: what names each binary (pid, start time) and how it was started."""
+        return {b.name: b.record() for b in self.values()}
+
+
+def runs(cmdline: list[str], path: str, args: list[str]) -> bool:
+    """Whether a process's cmdline is `path` run with `args` (then maybe flags Visor appended). A
+    script's cmdline starts with its interpreter (and an option or two), so `path` may come third."""
+    want = [path, *args]
+    return any(cmdline[k:k + len(want)] == want for k in range(3))
+
+
+def find_orphan(path: str, args: list[str], known_pids: set[int]):
+    """A child of ours (the subreaper) running [path, *args] that no runner reported: a runner started
+    it and died before its report was handled. A psutil.Process, or None. A child still showing our own
+    command line was forked by the runner and not yet executed: it is given EXEC_WAIT_S to."""
+    import psutil
+    me = psutil.Process()
+    deadline = time.monotonic() + EXEC_WAIT_S
+    while True:
+        forked = False
+        for child in me.children():
             try:
-                remembered[b.name] = {"pid": b.pid, "create_time": psutil.Process(b.pid).create_time()}
+                if child.pid in known_pids or child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmdline = child.cmdline()
+                if runs(cmdline, path, args):
+                    return child
+                forked |= cmdline == me.cmdline()
             except psutil.Error:
                 continue
-        return remembered
-
-
-def end_leftovers(remembered: dict, timeout_s: float) -> None:
-    """Binaries a killed broker left running are stopped before ours start: never two copies."""
-    if not remembered:
-        return
-    import psutil
-    procs = []
-    for name, seen in remembered.items():
-        try:
-            proc = psutil.Process(seen["pid"])
-            if abs(proc.create_time() - seen["create_time"]) < 0.01:
-                log.warning("%s (pid %d) from the previous run is still up: stopping it", name, proc.pid)
-                proc.terminate()
-                procs.append(proc)
-        except (psutil.Error, KeyError, TypeError):
-            continue
-    _gone, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for proc in alive:
-        proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+        if not forked or time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 def become_subreaper() -> None:
+    """Orphaned descendants (a binary whose runner died) become our children instead of init's."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        log.warning("cannot become a child subreaper: a binary whose runner dies will not be reaped")
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0    # -1 and errno: ctypes does not raise
+        why = os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError) as err:
+        failed, why = True, str(err)
+    if failed:
+        log.warning("cannot become a child subreaper (%s): a binary whose runner dies will not be reaped", why)

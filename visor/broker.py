@@ -3,28 +3,30 @@
 It owns the sockets, the timers, the worker pool and the table of running binaries, and it carries
 out the actions that state.step decides. It never blocks on anything but its poller: every slow
 thing is a worker's. It is a child subreaper, so a binary whose runner was killed becomes its
-child, and it reaps it.
+child, and it reaps it. The state file always says what runs (written before a runner can start
+anything); at start, what a previous run left is adopted first (adoption.py). An unexpected error
+in the loop ends the broker alone: nothing is stopped or signalled, and the next run adopts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
-import signal
 import time
-from dataclasses import replace
 
 import zmq
 
-from visor import protocol as p, report, state as st
+from visor import protocol as p, reexec, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
-from visor.binaries import Binaries, become_subreaper, end_leftovers
+from visor.binaries import Binaries, become_subreaper
 from visor.config import RESTART_ONLY, RunConfig, VisorConfig, load_run_config, load_visor_config
 from visor.errors import ConfigError, HomeError
-from visor.hookrun import Hooks
 from visor.history import FILE_NAME as HISTORY_FILE, History
-from visor.home import Home, read_memory, switch_current, write_memory
+from visor.hookrun import Hooks
+from visor.home import Home, read_state_file, switch_current
+from visor.custody import SPAWN_WORKERS_AFTER_S, STOP_GRACE_S, Custody
 from visor.logs import setup_logging
 from visor.notify import Notifier
 from visor.pool import Pool
@@ -32,11 +34,9 @@ from visor.sockets import Sockets
 from visor.state import Phase
 
 log = logging.getLogger("visor")          # workers log under their own names
-STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
-SPAWN_WORKERS_AFTER_S = 1.0      # the watchers start with the first binary, or after this at the latest
 
 
-class Broker:
+class Broker(Custody):
     def __init__(self, home: Home, log_level: str | None = None):
         self.home = home
         home.ensure_ready()
@@ -55,8 +55,12 @@ class Broker:
         self.facts: list = []
         self.exit: tuple[int, str] | None = None
         self._pending_upgrade: dict | None = None
-        self._memory_dirty = False
+        self._state_file_dirty = False
+        self.started_at = time.time()   # with the pid, tells a re-executed daemon from the one before
         self._workers_spawned = False    # the watchers are forked once the node has started
+        self._environ = dict(os.environ)  # before Notifier takes systemd's variables: a re-exec needs them
+        self._reexec = False
+        self._booted = False             # adoption done and recorded: from then on the state file is ours
         self.notifier = Notifier()
         self.hooks = Hooks(home.root)
         self._ready_sent = False
@@ -65,24 +69,22 @@ class Broker:
 
     def run(self) -> int:
         self._lock()
-        memory = read_memory(self.home)
-        end_leftovers(memory.get("binaries") or {}, self.cfg.stop_timeout_s)
         become_subreaper()
+        record = read_state_file(self.home)
         self.sockets = Sockets(self.home.endpoint("broker"), self.home.endpoint("control"),
                                self.home.events_endpoint(self.cfg),
                                History(self.home.runtime / HISTORY_FILE, self.cfg.events_history_max_bytes))
+        reexec.unblock_stop_signals()               # blocked across a `visor restart`'s exec; handled now
         self.pool = Pool(self.home.endpoint("broker"), str(self.home.root), self.log_level)
         self.emit("visor.started")
-        folder = self.home.current_folder().name
-        if pending := memory.get("pending") or None:     # an upgrade was in flight: it goes on
-            self._pending_upgrade = pending
-            log.warning("resuming the upgrade to %s from block %s", pending.get("folder"), pending.get("height"))
-        self.feed(st.Boot(folder, upgrade=pending))
-        self.timers["spawn-workers"] = time.monotonic() + SPAWN_WORKERS_AFTER_S
         try:
+            self._boot(record)
             self._loop()
-        finally:
-            self._close()
+        except Exception as err:     # a bug, or the OS refusing (EMFILE, EAGAIN): never a reason to stop the node
+            return self._crash(err)
+        if self._reexec:
+            reexec.restart_in_place(self, self._environ)
+        self._close()
         code, reason = self.exit
         if code == 0:
             self.emit("visor.stopped")
@@ -92,6 +94,9 @@ class Broker:
         self.sockets.close()
         self.notifier.close()
         return code
+
+    def release_lock(self) -> None:
+        self._lock_file.close()
 
     def _lock(self) -> None:
         self._lock_file = open(self.home.runtime / "lock", "a+")
@@ -104,8 +109,8 @@ class Broker:
         for name in list(self.pool.workers):
             self._send(name, p.Shutdown())
         self.pool.shutdown()
-        self.binaries.clear()
-        self._write_memory(durable=True)
+        self.binaries.clear()                        # every binary is down: Exit comes only then
+        self.record_state(durable=True)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -145,9 +150,9 @@ class Broker:
                     self._on_timer(name)
             for w in self.pool.due(now):
                 self._spawn(w.name)
-            if self._memory_dirty:                   # after this turn's restarts, not before them
+            if self._state_file_dirty:               # after this turn's restarts, not before them
                 self._drain_facts()
-                self._write_memory()
+                self.record_state()
             if now >= next_hung_check:
                 self.pool.kill_hung(now)
                 next_hung_check = now + 5
@@ -161,19 +166,13 @@ class Broker:
     def _drain_facts(self) -> None:
         while self.facts and self.exit is None:
             fact = self.facts.pop(0)
+            restarts = self.state.restarts
             self.state, actions = st.step(self.state, fact, self.cfg, time.monotonic())
+            self._state_file_dirty |= self.state.restarts != restarts
             self._remember_upgrade()
             self._tell_systemd()
             for action in actions:
                 self._execute(action)
-
-    def _remember_upgrade(self) -> None:
-        """Writes down an upgrade before its first stop is sent, and forgets it once the new node has
-        answered: a broker killed in between starts the new folder from the upgrade block again."""
-        pending = st.in_flight(self.state)
-        if pending != self._pending_upgrade:
-            self._pending_upgrade = pending
-            self._write_memory(durable=True)     # before the first stop is sent: it must survive a crash
 
     def _tell_systemd(self) -> None:
         text = report.systemd_status(self.state, self.cfg)
@@ -184,17 +183,6 @@ class Broker:
             self.notifier.ready(text)
         else:
             self.notifier.status(text)
-
-    def _write_memory(self, durable: bool = False) -> None:
-        """state.json: the upgrade in flight (durable) and the binaries' pids, which only serve to end
-        leftovers after a crash, so they are written off the restart path and without fsync."""
-        self._memory_dirty = False
-        try:
-            write_memory(self.home, {"binaries": self.binaries.memory(), "pending": self._pending_upgrade},
-                         durable=durable)
-        except OSError as err:       # a full disk must not end Visor: the node matters more than the file
-            log.error("cannot write %s: %s; a crash now would lose what it records", self.home.memory,
-                      err.strerror or err)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -225,6 +213,8 @@ class Broker:
                 self._run_hook(action)
             case st.QuerySegment():
                 dn = self.run_config.data_node
+                if "runner:data_node" not in self.pool.workers:    # its runner died with a previous broker
+                    self._spawn("runner:data_node")
                 self._assign("runner:data_node", p.QuerySegment(path=str(dn.path), args=segment_query(dn.args)))
             case st.Schedule(name=name, after_s=after_s) if after_s <= 0:
                 self.feed(st.Timer(name))        # due now: not after one more turn through the poller
@@ -260,13 +250,6 @@ class Broker:
         self._assign("upgrade-watcher", p.Watch(socket_path=rc.socket_path, http_path=rc.http_path,
                                                 interval_ms=self.cfg.status_interval_ms))
 
-    def _stop_binaries(self) -> None:
-        for b in self.binaries.values():
-            if not b.stop_sent:
-                b.stop_sent = True
-                self._send(f"runner:{b.name}", p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
-        self.timers["stop-watchdog"] = time.monotonic() + self.cfg.stop_timeout_s + STOP_GRACE_S
-
     # --- what comes in ------------------------------------------------------------------------
 
     def _on_worker_frames(self) -> None:
@@ -284,14 +267,14 @@ class Broker:
             case p.Hello(pid=pid):
                 worker.connected = True
                 self._on_hello(name, pid)
-            case p.Heartbeat():
-                pass
+            case p.Heartbeat() | p.Holding():
+                pass                                 # a Holding here repeats what adoption heard
             case p.BinaryStarted():
                 self.assignments.pop(name, None)
                 self.binaries.started(msg, runner_pid=worker.pid)
                 self.feed(msg)
                 self._spawn_workers()
-                self._memory_dirty = True
+                self._state_file_dirty = True
             case p.BinaryExited():
                 self._forget_binary(msg)
             case p.StartFailed() | p.Segment():
@@ -311,14 +294,8 @@ class Broker:
                     self.emit("hook.started", **fields)
             case p.HookFinished():
                 self._on_hook_finished(msg)
-            case p.FetchStarted(tag=tag, asset=asset):
-                self.emit("fetch.started", tag=tag, asset=asset)
-            case p.FetchProgress(tag=tag, asset=asset, bytes=done, total=total):
-                self.emit("fetch.progress", tag=tag, asset=asset, bytes=done, total=total)
-            case p.FetchCompleted(tag=tag, asset=asset, sha256=sha):
-                self.emit("fetch.completed", tag=tag, asset=asset, sha256=sha)
-            case p.FetchFailed(tag=tag, asset=asset, error=error):
-                self.emit("fetch.failed", tag=tag, asset=asset, error=error)
+            case p.FetchStarted() | p.FetchProgress() | p.FetchCompleted() | p.FetchFailed():
+                self.emit(msg.kind.replace("_", "."), **dataclasses.asdict(msg))   # fetch_started -> fetch.started
             case p.ConfigLoaded(values=values, warnings=warnings):
                 self._reload(values, warnings)
             case p.ConfigRejected(error=error):
@@ -327,62 +304,6 @@ class Broker:
                 self.emit("config.rejected", error=error)
             case _:
                 log.warning("%s sent %s, which is not a report", name, msg.kind)
-
-    def _on_hello(self, name: str, pid: int) -> None:
-        binary = self.binaries.get(name.partition(":")[2]) if name.startswith("runner:") else None
-        if binary is not None and binary.runner_pid != pid:
-            # a new runner takes over a binary whose runner died; the binary was never touched
-            binary.runner_pid = pid
-            self._send(name, p.AdoptBinary(pid=binary.pid, path=binary.path, args=binary.args,
-                                           stop_timeout_s=self.cfg.stop_timeout_s))
-            if binary.stop_sent:
-                self._send(name, p.StopBinary(timeout_s=self.cfg.stop_timeout_s))
-        if name in self.assignments and self.assignments[name] is not self.pool.workers[name].born_with:
-            self._send(name, self.assignments[name])
-
-    def _forget_binary(self, msg: p.BinaryExited) -> None:
-        if not self.binaries.forget(msg):
-            return                                   # already reported by the other side
-        if not self.binaries:
-            self.timers.pop("stop-watchdog", None)
-        self.feed(msg)
-        self._memory_dirty = True
-
-    def _on_worker_exit(self, worker, now: float) -> None:
-        pid = worker.pid
-        code = self.pool.reap(worker, now)
-        log.log(logging.INFO if worker.retired else logging.WARNING, "%s (pid %s) exited with code %s",
-                worker.name, pid, code)
-        self.emit("worker.exited", worker=worker.name, pid=pid, exitcode=code)
-        if worker.name.startswith("runner:"):
-            self._account_for_binaries()     # its binary is now our child, or ended unreported
-        elif worker.name == "hooks" and (failed := self.hooks.worker_died(code)):
-            self.assignments.pop("hooks", None)      # a killed hook is a failed hook, retried as one
-            self._on_hook_finished(failed)
-
-    def _account_for_binaries(self) -> None:
-        """Reports binaries that ended with no runner to report them: reaped by us, or vanished."""
-        workers = self.pool.workers.values()
-        for exit_ in self.binaries.reap_orphans({w.pid for w in workers}):
-            self._forget_binary(exit_)
-        for exit_ in self.binaries.vanished({w.pid for w in workers if w.alive}):
-            self._forget_binary(exit_)
-
-    def _on_signals(self) -> None:
-        for signum in self.sockets.signals():
-            if signum == signal.SIGCHLD:
-                for exit_ in self.binaries.reap_orphans({w.pid for w in self.pool.workers.values()}):
-                    self._forget_binary(exit_)
-            elif signum in (signal.SIGTERM, signal.SIGINT) and self.state.phase is Phase.STOPPING:
-                # a second Ctrl-C: the operator will not wait for stopSignalTimeoutSeconds
-                log.warning("received %s again: killing the binaries now", signal.Signals(signum).name)
-                for b in self.binaries.values():
-                    b.stop_sent = True
-                self.binaries.kill_stopped()
-                self._account_for_binaries()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("received %s: stopping", signal.Signals(signum).name)
-                self.feed(st.StopRequested(signal.Signals(signum).name))
 
     def _spawn_workers(self) -> None:
         """The workers besides the runners. They start once the node has, so that on a small machine
@@ -398,6 +319,18 @@ class Broker:
             self._assign("metrics", p.ServeMetrics(listen=self.cfg.metrics_listen,
                                                    events_endpoint=self.home.events_endpoint(self.cfg),
                                                    control_endpoint=self.home.endpoint("control")))
+
+    def _on_timer(self, name: str) -> None:
+        if name == "spawn-workers":
+            self._spawn_workers()
+            return
+        if name == "stop-watchdog":
+            self.binaries.kill_stopped()
+            self._account_for_binaries()
+            if self.binaries:
+                self.timers["stop-watchdog"] = time.monotonic() + STOP_GRACE_S
+            return
+        self.feed(st.Timer(name))
 
     def _run_hook(self, action: st.RunHook) -> None:
         command = self.hooks.command(action, self.cfg)
@@ -416,18 +349,6 @@ class Broker:
         self.emit(type_, **fields)
         self.feed(msg)
 
-    def _on_timer(self, name: str) -> None:
-        if name == "spawn-workers":
-            self._spawn_workers()
-            return
-        if name == "stop-watchdog":
-            self.binaries.kill_stopped()
-            self._account_for_binaries()
-            if self.binaries:
-                self.timers["stop-watchdog"] = time.monotonic() + STOP_GRACE_S
-            return
-        self.feed(st.Timer(name))
-
     def _reload(self, values: dict, warnings: list[str]) -> None:
         for warning in warnings:
             log.warning("%s", warning)
@@ -440,7 +361,7 @@ class Broker:
         if not changed and not self._rejected:
             return                                   # e.g. a restarted config watcher's first report
         self._file_cfg, self._rejected = new, False
-        self.cfg = replace(new, events_endpoint=self.cfg.events_endpoint,   # bound at start
+        self.cfg = dataclasses.replace(new, events_endpoint=self.cfg.events_endpoint,   # bound at start
                            metrics_listen=self.cfg.metrics_listen)
         if "logLevel" in changed or "logFormat" in changed:
             setup_logging(new.log_format, new.log_level)
@@ -454,14 +375,26 @@ class Broker:
             log.warning("config: %s take effect at the next start of `visor run`", ", ".join(pending))
 
     def _answer(self, request: p.Message) -> p.Message:
-        if isinstance(request, p.StatusRequest):
-            return p.StatusReply(status=self.status())
+        match request:
+            case p.StatusRequest():
+                return p.StatusReply(status=self.status())
+            case p.StopRequest():
+                log.info("`visor stop` asked: stopping")
+                self.feed(st.StopRequested("stop request"))
+                return p.Accepted(pid=os.getpid())
+            case p.RestartRequest() if self.state.phase is Phase.STOPPING:
+                return p.ErrorReply(error="stopping; a restart is not possible now")
+            case p.RestartRequest():
+                self._reexec, self.exit = True, (0, "restart requested")
+                return p.Accepted(pid=os.getpid())
         return p.ErrorReply(error=f"unsupported request {request.kind!r}")
 
     # --- helpers ------------------------------------------------------------------------------
 
     def _spawn(self, name: str, first=None) -> None:
         w = self.pool.spawn(name, first)
+        if name.startswith("runner:"):
+            self.record_state()             # recorded before it can report a start: a crash now adopts it
         self.emit("worker.started", worker=name, pid=w.pid)
 
     def _assign(self, worker: str, msg) -> None:
@@ -486,17 +419,18 @@ class Broker:
         return rc
 
     def status(self) -> dict:
-        return report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
-                             str(self.home.root), os.getpid(), self.hooks.status())
+        status = report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,
+                               str(self.home.root), os.getpid(), self.hooks.status())
+        status["visor"]["started_at"] = self.started_at
+        return status
 
 
 REPORTS = {          # what each kind of worker may tell the broker, besides Hello and Heartbeat
-    "runner": (p.BinaryStarted, p.BinaryExited, p.StartFailed, p.Segment),
+    "runner": (p.BinaryStarted, p.BinaryExited, p.StartFailed, p.Segment, p.Holding),
     "upgrade-watcher": (p.UpgradeStatus, p.RpcFailed),
     "fetcher": (p.FolderReady, p.FolderBlocked, p.FetchStarted, p.FetchProgress, p.FetchCompleted, p.FetchFailed),
     "config-watcher": (p.ConfigLoaded, p.ConfigRejected),
     "metrics": (),
-    "hooks": (p.HookStarted, p.HookFinished),
 }
 
 

@@ -29,9 +29,34 @@ def cmd_run(opts) -> int:
 
 def cmd_status(opts) -> int:
     from visor.control import ask_status, render_status
-    status = ask_status(Home(Path(opts.home).absolute()))
+    home = Home(Path(opts.home).absolute())
+    try:
+        status = ask_status(home)
+    except VisorError:
+        from visor.daemonctl import unsupervised
+        if (line := unsupervised(home)) is None:
+            raise
+        raise VisorError(line) from None
     print(json.dumps(status, indent=2) if opts.json else render_status(status))
     return 0
+
+
+CRASHED = ("exit-code", "signal", "core-dump", "watchdog")     # systemd's SERVICE_RESULT after a crash
+
+
+def cmd_stop(opts) -> int:
+    import os
+    if opts.unless_crashed and os.environ.get("SERVICE_RESULT") in CRASHED:
+        print(f"visor ended ({os.environ['SERVICE_RESULT']}): its binaries keep running for the restarted "
+              "daemon to adopt")
+        return 0
+    from visor.daemonctl import stop
+    return stop(Home(Path(opts.home).absolute()))
+
+
+def cmd_restart(opts) -> int:
+    from visor.daemonctl import restart
+    return restart(Home(Path(opts.home).absolute()))
 
 
 def cmd_events(opts) -> int:
@@ -85,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     _home_arg(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
+    stop = sub.add_parser("stop", help="stop the node binaries and Visor (also what a dead daemon left)")
+    _home_arg(stop)
+    stop.add_argument("--unless-crashed", action="store_true",
+                      help="do nothing when systemd's SERVICE_RESULT says the daemon crashed (ExecStopPost)")
+    stop.set_defaults(func=cmd_stop)
+    restart = sub.add_parser("restart", help="re-execute the daemon in place; the node binaries keep running")
+    _home_arg(restart)
+    restart.set_defaults(func=cmd_restart)
     events = sub.add_parser("events", help="print the recorded events, follow the event stream until interrupted")
     _home_arg(events)
     events.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -26,31 +26,41 @@ from visor.home import Home
 RECHECK_AFTER_S = (1.0, 5.0)     # by then a new subscription is in effect: what it missed is in the history
 
 
+def request(ctx: zmq.Context, endpoint: str, msg: p.Message, timeout_s: float) -> p.Message | None:
+    """One request to a daemon's control socket at `endpoint`: its reply, or None if none came within
+    timeout_s. Every asker (the CLI, the metrics worker) comes through here. Halfway through, the request
+    is sent again: one that reached a daemon just as it re-executed (`visor restart`) is lost with its
+    socket. Raises zmq.ZMQError (a terminated context) and ProtocolError (an undecodable reply)."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.REQ_RELAXED, 1)         # a second send without a reply to the first
+    sock.setsockopt(zmq.REQ_CORRELATE, 1)       # and a late reply to the first is not taken for the second
+    try:
+        sock.connect(endpoint)
+        for wait_s in (timeout_s / 2, timeout_s / 2):
+            sock.send(p.encode(msg))
+            if sock.poll(wait_s * 1000):
+                return p.decode(sock.recv())
+        return None
+    finally:
+        sock.close()
+
+
+def ask(home: Home, msg: p.Message, timeout_s: float = 2.0) -> p.Message | None:
+    """request() to the daemon of `home`; a refusal (ErrorReply) is a VisorError."""
+    reply = request(zmq.Context.instance(), home.endpoint("control"), msg, timeout_s)
+    if isinstance(reply, p.ErrorReply):
+        raise VisorError(f"visor refused the request: {reply.error}")
+    return reply
+
+
 def ask_status(home: Home, timeout_s: float = 2.0) -> dict:
     """The running daemon's status (SPEC §6); VisorError if none answers within timeout_s."""
-    reply = request_status(zmq.Context.instance(), home.endpoint("control"), timeout_s)
+    reply = ask(home, p.StatusRequest(), timeout_s)
     if reply is None:
         raise VisorError(f"{home.runtime / 'control.sock'}: no visor answered within {timeout_s:g}s "
                          "(is `visor run` running for this home?)")
-    if isinstance(reply, p.ErrorReply):
-        raise VisorError(f"visor refused the request: {reply.error}")
     return reply.status
-
-
-def request_status(ctx: zmq.Context, endpoint: str, timeout_s: float) -> p.StatusReply | p.ErrorReply | None:
-    """One StatusRequest to the control socket at `endpoint`; the reply, or None when none came within
-    timeout_s. A fresh REQ socket each time: one that timed out cannot be used again. Raises
-    zmq.ZMQError (a terminated context) and ProtocolError (an undecodable reply)."""
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send(p.encode(p.StatusRequest()))
-        if not sock.poll(timeout_s * 1000):
-            return None
-        return p.decode(sock.recv())
-    finally:
-        sock.close()
 
 
 def render_status(s: dict) -> str:

@@ -1,4 +1,4 @@
-"""The home folder: its paths, `visor init`, the atomic `current` switch and the broker's memory file.
+"""The home folder: its paths, `visor init`, the atomic `current` switch and the state file (state.json).
 
 Everything that writes to the home goes through here, and every write is atomic (temp file or link,
 then rename), so a crash at any instant leaves either the old or the new version, never half of one.
@@ -35,7 +35,8 @@ class Home:
         return self.root / ".visor"
 
     @property
-    def memory(self) -> Path:
+    def state_file(self) -> Path:
+        """What runs (runners, binaries), the restart count and the upgrade in flight: see adoption.py."""
         return self.runtime / "state.json"
 
     def endpoint(self, name: str) -> str:
@@ -106,16 +107,18 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_memory(home: Home) -> dict:
+def read_state_file(home: Home) -> dict:
     """What a previous broker wrote down (state.json); empty when there is none or it is unreadable."""
     try:
-        return json.loads(home.memory.read_text())
+        record = json.loads(home.state_file.read_text())
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
-def write_memory(home: Home, memory: dict, durable: bool = True) -> None:
-    write_atomic(home.memory, json.dumps(memory, sort_keys=True).encode(), mode=0o600, durable=durable)
+def write_state_file(home: Home, record: dict, durable: bool = True) -> None:
+    """0600: it holds the runners' secret socket identities."""
+    write_atomic(home.state_file, json.dumps(record, sort_keys=True).encode(), mode=0o600, durable=durable)
 
 
 # --- visor init ----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Workers are forked from the broker itself: a fork takes about a millisecond, the code the broker
 has imported is shared copy-on-write, and every worker is the broker's own child, so its exit code
 is exact. (A fork server would put a process between them whose death makes every worker look dead.)
+The exception: runners a previous broker left (see adoption.py) are adopted, not forked; they are not
+our children, so their exit is seen through the pidfd alone and its code is unknown (None).
 The child first closes every inherited fd but stdio: the broker's ZeroMQ sockets and their wake-up
 fds must never be touched by another process, or the broker's connections stall. Then it drops the
 broker's signal plumbing and builds its own ZeroMQ context. A worker's exit is seen through a pidfd;
@@ -11,6 +13,7 @@ one silent past HUNG_AFTER_S is killed and, like any worker that dies, restarted
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import logging
@@ -19,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from visor import protocol
+from visor import faults, protocol, stopper
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class Worker:
     restart_at: float | None = None
     born_with: object = None     # the command it was forked with (it never waits for that one)
     retired: bool = False        # told to leave; not restarted
+    create_time: float = 0.0     # with the pid, what names the process in state.json
 
     @property
     def alive(self) -> bool:
@@ -80,6 +84,8 @@ class Pool:
         """Forks a worker. `first`: a command it holds from birth, so it can act before its socket is up
         (a runner starts the node at once instead of after a round trip)."""
         w = self.workers.setdefault(name, Worker(name))
+        if w.pid is not None and faults.fires("respawn-fails"):
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))      # as os.fork under a pids limit
         if w.pid is not None and not w.retired:
             w.restarts += 1
         module = MODULES[name.partition(":")[0]]
@@ -93,7 +99,7 @@ class Pool:
         if first is not None:
             argv += ["--first", protocol.encode(first).hex()]
         w.born_with = first
-        gc.freeze()                              # the collector must not touch (copy) the shared pages
+        gc.freeze()              # the child's collector must not touch (copy) the pages it shares with us
         pid = os.fork()
         if pid == 0:                             # the child: never returns into the broker's code
             code = 1
@@ -101,10 +107,29 @@ class Pool:
                 code = _run_worker(module, argv)
             finally:
                 os._exit(code)
-        w.pid, w.pidfd, w.exitcode = pid, os.pidfd_open(pid), None
+        gc.unfreeze()                            # ours must still collect cyclic garbage
+        w.pid, w.exitcode = pid, None
+        w.pidfd = os.pidfd_open(pid)             # may raise (EMFILE): the broker's loop decides what that means
+        w.create_time = stopper.create_time(pid) or 0.0
         w.connected, w.retired, w.restart_at = False, False, None
         w.started_at = w.last_seen = time.monotonic()
         return w
+
+    def adopt(self, name: str, pid: int, identity: str, create_time: float) -> Worker | None:
+        """Takes on a runner a previous broker spawned (it said hello with its recorded identity)."""
+        proc = stopper.pin(pid, create_time)
+        if proc is None:
+            return None
+        w = self.workers.setdefault(name, Worker(name))
+        w.pid, w.pidfd, w.identity, w.create_time, w.exitcode = pid, proc.pidfd, identity, create_time, None
+        w.connected, w.retired, w.restart_at = True, False, None
+        w.started_at = w.last_seen = time.monotonic()
+        return w
+
+    def records(self) -> dict[str, dict]:
+        """For the state file: every live runner, so the next broker can adopt it or end it."""
+        return {w.name: {"pid": w.pid, "identity": w.identity, "create_time": w.create_time}
+                for w in self.workers.values() if w.alive and w.name.startswith("runner:")}
 
     def by_identity(self, identity: str) -> Worker | None:
         w = self.workers.get(identity.partition("#")[0])
@@ -113,10 +138,11 @@ class Pool:
     def sentinels(self) -> dict[int, Worker]:
         return {w.pidfd: w for w in self.workers.values() if w.alive}
 
-    def reap(self, w: Worker, now: float) -> int:
-        """The worker has exited: returns its exit code and, unless retired, schedules its restart."""
-        _pid, status = os.waitpid(w.pid, 0)      # the pidfd said it has exited: this does not block
-        w.exitcode = code = os.waitstatus_to_exitcode(status)
+    def reap(self, w: Worker, now: float) -> int | None:
+        """The worker has exited: returns its exit code (None for an adopted runner, not our child)
+        and, unless retired, schedules its restart."""
+        code = stopper.Proc(w.pid, w.pidfd).reap()   # the pidfd said it has exited: this does not block
+        w.exitcode = -1 if code is None else code
         os.close(w.pidfd)
         w.pidfd, w.connected = -1, False
         if not w.retired:
@@ -136,7 +162,7 @@ class Pool:
         for w in self.workers.values():
             if w.alive and now - w.last_seen > HUNG_AFTER_S:
                 log.warning("%s (pid %s) silent for %.0fs: killing it", w.name, w.pid, now - w.last_seen)
-                os.kill(w.pid, signal.SIGKILL)
+                signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
 
     def retire(self, name: str) -> None:
         """The worker will leave (it was sent Shutdown); do not restart it."""
@@ -145,14 +171,9 @@ class Pool:
 
     def shutdown(self, timeout_s: float = 3.0) -> None:
         """Waits for told-to-leave workers, then kills any that remain."""
-        deadline = time.monotonic() + timeout_s
         for w in self.workers.values():
             w.retired, w.restart_at = True, None
-        while (alive := [w for w in self.workers.values() if w.alive]) and time.monotonic() < deadline:
-            for w in alive:
-                if os.waitpid(w.pid, os.WNOHANG)[0]:
-                    w.exitcode = 0
-            time.sleep(0.01)
+        alive = [w for w in self.workers.values() if w.alive]
+        codes = stopper.end([stopper.Proc(w.pid, w.pidfd) for w in alive], timeout_s, first=None, what="worker")
         for w in alive:
-            os.kill(w.pid, signal.SIGKILL)
-            os.waitpid(w.pid, 0)
+            w.exitcode, w.pidfd = -1 if codes[w.pid] is None else codes[w.pid], -1

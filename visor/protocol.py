@@ -14,7 +14,7 @@ import msgpack
 
 from visor.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2                      # 2: runners outlive the broker (Welcome, Holding, HandOver)
 MAX_FRAME_BYTES = 1 << 20        # bigger frames are refused by the sockets themselves (ZMQ_MAXMSGSIZE)
 
 # --- every worker -----------------------------------------------------------------------------
@@ -25,6 +25,13 @@ class Hello:                     # worker -> broker, first message; the name is 
     kind: ClassVar[str] = "hello"
     name: str
     pid: int
+    proto: int = VERSION         # decoded from any version (see decode): a broker can tell who it cannot command
+
+
+@dataclass(frozen=True)
+class Welcome:                   # broker -> a runner that outlived its broker: this is your broker now
+    kind: ClassVar[str] = "welcome"
+    broker_pid: int
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,26 @@ class AdoptBinary:               # broker -> a new runner whose predecessor died
     path: str
     args: list[str]
     stop_timeout_s: float
+    create_time: float = 0.0     # the runner refuses a pid that started at another time (reused)
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class HandOver:                  # broker -> runner (`visor restart`): leave without touching the binary
+    kind: ClassVar[str] = "hand_over"
+
+
+@dataclass(frozen=True)
+class Holding:                   # runner -> broker, after each Hello: the binary it supervises
+    kind: ClassVar[str] = "holding"
+    name: str
+    pid: int
+    path: str
+    args: list[str]
+    started_at: float
+    create_time: float
+    exitcode: int | None = None  # set: it ended while no broker was up (-1: code unknown)
+    stopping: bool = False       # a stop was under way (the runner enforces its SIGKILL deadline)
 
 
 @dataclass(frozen=True)
@@ -96,6 +123,7 @@ class BinaryStarted:             # runner -> broker
     path: str
     args: list[str]
     started_at: float            # wall time, for `status`
+    create_time: float = 0.0     # the process's start time: with the pid, what names it for ever
 
 
 @dataclass(frozen=True)
@@ -263,6 +291,22 @@ class StatusReply:
 
 
 @dataclass(frozen=True)
+class RestartRequest:            # CLI -> broker: re-execute in place (`visor restart`)
+    kind: ClassVar[str] = "restart_request"
+
+
+@dataclass(frozen=True)
+class StopRequest:               # CLI -> broker: stop as SIGTERM does (`visor stop`)
+    kind: ClassVar[str] = "stop_request"
+
+
+@dataclass(frozen=True)
+class Accepted:                  # broker -> CLI: the request is being carried out
+    kind: ClassVar[str] = "accepted"
+    pid: int
+
+
+@dataclass(frozen=True)
 class ErrorReply:                # broker -> CLI: the request was not understood
     kind: ClassVar[str] = "error_reply"
     error: str
@@ -270,10 +314,12 @@ class ErrorReply:                # broker -> CLI: the request was not understood
 
 Message = Any
 MESSAGES: dict[str, type] = {m.kind: m for m in (
-    Hello, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
-    StartBinary, AdoptBinary, StopBinary, BinaryStarted, StartFailed, BinaryExited, QuerySegment, Segment,
+    Hello, Welcome, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
+    StartBinary, AdoptBinary, HandOver, Holding, StopBinary, BinaryStarted, StartFailed, BinaryExited,
+    QuerySegment, Segment,
     Prepare, FolderReady, FolderBlocked, FetchStarted, FetchProgress, FetchCompleted, FetchFailed,
-    ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, ErrorReply,
+    ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, RestartRequest, StopRequest,
+    Accepted, ErrorReply,
     RunHook, HookStarted, HookFinished,
 )}
 
@@ -290,7 +336,10 @@ def decode(frame: bytes) -> Message:
         data = msgpack.unpackb(frame, raw=False, strict_map_key=True)
         if not isinstance(data, dict):
             raise TypeError("not a map")
-        if data.pop("v", None) != VERSION:
+        version = data.pop("v", None)
+        if version != VERSION:
+            if data.get("kind") == "hello":          # any version can say who it is
+                return Hello(name=str(data["name"]), pid=int(data["pid"]), proto=int(version))
             raise ProtocolError(f"unsupported protocol version in {frame[:40]!r}")
         return MESSAGES[data.pop("kind")](**data)
     except ProtocolError:

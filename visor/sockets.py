@@ -89,14 +89,15 @@ class Sockets:
                 frames = self.control.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 3 or frames[1] != b"":
+            # [identity, b"", request]; a REQ_CORRELATE client puts its request id before the b""
+            if len(frames) not in (3, 4) or frames[-2] != b"" or b"" in frames[:-2]:
                 continue                             # not a REQ envelope: nobody to answer
             try:
-                reply = answer(p.decode(frames[2]))
+                reply = answer(p.decode(frames[-1]))
             except p.ProtocolError as err:
                 reply = p.ErrorReply(error=str(err))
             try:
-                self.control.send_multipart([frames[0], b"", p.encode(reply)], zmq.NOBLOCK)
+                self.control.send_multipart([*frames[:-1], p.encode(reply)], zmq.NOBLOCK)
             except zmq.Again:
                 pass                                 # a client that does not read gets nothing
 
@@ -108,10 +109,11 @@ class Sockets:
         except zmq.ZMQError as err:                  # e.g. the peer vanished mid-send
             log.warning("cannot send %s to %s: %s", msg.kind, worker, err)
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 0) -> None:
+        """linger_s: time the last replies on the control socket get to leave (`visor restart`'s)."""
         signal.set_wakeup_fd(-1)
         self.workers.close()
-        self.control.close()
+        self.control.close(linger=int(linger_s * 1000))
         self.events.close()
         self.wake.close()
         self._wake_w.close()

@@ -1,7 +1,10 @@
 """BrokerLink: the part every worker shares. It says hello, sends heartbeats, and waits for commands.
 
-A worker must not outlive the broker: it holds a pidfd of the broker and raises BrokerGone as soon
-as the broker has exited, whatever killed it. Signals sent to the whole process group (a terminal's
+A watcher must not outlive the broker: it holds a pidfd of the broker and raises BrokerGone as soon
+as the broker has exited, whatever killed it. A runner's link outlives it instead (outlive=True):
+receive() returns BrokerLost once, then the link says hello again every HELLO_EVERY_S (with what the
+runner holds, from `greeting`) on the same socket and identity, which ZeroMQ reconnects when the next
+broker binds the endpoint; a Welcome from that broker names its pid, and the link watches it instead. Signals sent to the whole process group (a terminal's
 Ctrl-C, `kill -- -PGID`, systemd's control-group stop) are the broker's to act on, so workers catch
 SIGINT and SIGTERM and do nothing: the broker stops them in order. (A no-op handler rather than
 SIG_IGN, because an ignored signal would stay ignored in the node binaries a runner executes.)
@@ -21,6 +24,8 @@ import zmq
 from visor import protocol
 
 HEARTBEAT_S = 5.0                # a worker silent this long says it is alive (hung: 60 s, see pool.py)
+HELLO_EVERY_S = 0.5              # a runner without a broker says hello this often, for the next one
+OUTLIVING_HWM = 16               # frames queued while no broker reads: a few stale hellos, never a block
 
 
 class BrokerGone(BaseException):
@@ -51,9 +56,18 @@ class Readable:
         self.fd = fd
 
 
+class BrokerLost:
+    """receive() (outlive=True only): the broker has exited; the link now waits for the next one."""
+
+
 class BrokerLink:
-    def __init__(self, endpoint: str, name: str, broker_pid: int = 0, identity: str = "", first: str = ""):
+    def __init__(self, endpoint: str, name: str, broker_pid: int = 0, identity: str = "", first: str = "",
+                 outlive: bool = False, greeting=lambda: []):
         self.name = name
+        self.outlive = outlive
+        self._greeting = greeting                # reports that follow every Hello (a runner's Holding)
+        self._next_hello = float("inf")          # while no broker is up
+        self._lost_unsaid = False                # lost in send(): receive() still owes BrokerLost
         self._first = protocol.decode(bytes.fromhex(first)) if first else None
         self._broker_pid = broker_pid or os.getppid()
         self._broker_fd = -1
@@ -64,6 +78,8 @@ class BrokerLink:
         self._sock.setsockopt(zmq.IDENTITY, (identity or name).encode())
         self._sock.setsockopt(zmq.LINGER, 1000)     # let a last report leave before exit
         self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
+        if outlive:
+            self._sock.setsockopt(zmq.SNDHWM, OUTLIVING_HWM)
         self._endpoint = endpoint
         self._last_sent = 0.0
         self._log = logging.getLogger(name)
@@ -76,49 +92,100 @@ class BrokerLink:
         except ProcessLookupError:
             raise BrokerGone from None
         self._sock.connect(self._endpoint)
-        self.send(protocol.Hello(name=self.name, pid=os.getpid()))
+        self._hello()
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self._broker_fd)
-        self._sock.close(linger=0 if exc[0] is BrokerGone else None)
+        if self._broker_fd >= 0:
+            os.close(self._broker_fd)
+        self._sock.close(linger=0 if exc[0] is BrokerGone or not self.broker_up else None)
         self._ctx.term()
 
-    def send(self, msg) -> None:
+    @property
+    def broker_up(self) -> bool:
+        return self._broker_fd >= 0
+
+    def _hello(self) -> None:
+        for msg in (protocol.Hello(name=self.name, pid=os.getpid()), *self._greeting()):
+            self.send(msg)
+
+    def _lose_broker(self) -> None:
+        os.close(self._broker_fd)
+        self._broker_fd = -1
+        self._next_hello = time.monotonic()
+        self._lost_unsaid = True
+
+    def send(self, msg) -> bool:
         """Sends a report; raises BrokerGone if the broker has exited (a worker busy with a long job,
-        a download say, reports as it goes and so learns it must leave)."""
-        if select.select([self._broker_fd], [], [], 0)[0]:
-            raise BrokerGone
+        a download say, reports as it goes and so learns it must leave). An outliving link returns
+        False instead, and the report is dropped: what matters is resent with the next hello."""
+        if self.broker_up and select.select([self._broker_fd], [], [], 0)[0]:
+            if not self.outlive:
+                raise BrokerGone
+            self._lose_broker()
+        if not self.broker_up:
+            try:
+                self._sock.send(protocol.encode(msg), zmq.NOBLOCK)
+            except zmq.Again:
+                pass                             # queue full of earlier hellos; the next broker gets those
+            return False
         self._sock.send(protocol.encode(msg))
         self._last_sent = time.monotonic()
+        return True
+
+    def _welcome(self, msg: protocol.Welcome) -> bool:
+        """A broker that adopts this runner; False (ignored) if it is gone already or known already."""
+        if self.broker_up:
+            return False                         # an answer to an earlier hello
+        try:
+            self._broker_fd = os.pidfd_open(msg.broker_pid)
+        except ProcessLookupError:
+            return False
+        self._next_hello = float("inf")
+        self._last_sent = time.monotonic()
+        return True
 
     def receive(self, until: float = float("inf"), watch: tuple[int, ...] = ()):
         """The next command; Readable(fd) when a watched fd is readable; None once `until` passes."""
         if self._first is not None:              # the command this worker was born with comes first
             first, self._first = self._first, None
             return first
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._broker_fd, zmq.POLLIN)
-        for fd in watch:
-            poller.register(fd, zmq.POLLIN)
         while True:
+            if self._lost_unsaid:                # here, or noticed by a send()
+                self._lost_unsaid = False
+                return BrokerLost()
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            if self.broker_up:
+                poller.register(self._broker_fd, zmq.POLLIN)
+            for fd in watch:
+                poller.register(fd, zmq.POLLIN)
             now = time.monotonic()
-            beat_at = self._last_sent + HEARTBEAT_S
+            beat_at = self._last_sent + HEARTBEAT_S if self.broker_up else self._next_hello
             if now >= beat_at:
-                self.send(protocol.Heartbeat())
+                if self.broker_up:
+                    self.send(protocol.Heartbeat())
+                else:
+                    self._hello()
+                    self._next_hello = now + HELLO_EVERY_S
                 continue
             if now >= until:
                 return None
             ready = dict(poller.poll(max(0, (min(until, beat_at) - now) * 1000)))
-            if self._broker_fd in ready:
-                raise BrokerGone
+            if self.broker_up and self._broker_fd in ready:
+                if not self.outlive:
+                    raise BrokerGone
+                self._lose_broker()
+                continue
             if self._sock in ready:
                 try:
-                    return protocol.decode(self._sock.recv())
+                    msg = protocol.decode(self._sock.recv())
                 except protocol.ProtocolError as err:
                     self._log.warning("dropped a frame from the broker: %s", err)
                     continue
+                if isinstance(msg, protocol.Welcome) and not self._welcome(msg):
+                    continue
+                return msg
             for fd in watch:
                 if fd in ready:
                     return Readable(fd)

@@ -22,7 +22,7 @@ import msgpack
 import zmq
 
 from visor import protocol
-from visor.control import request_status
+from visor.control import request
 from visor.worker import BrokerLink, Readable, parse_worker_args
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def ask_status(ctx: zmq.Context, endpoint: str, timeout_s: float = STATUS_TIMEOU
     """The broker's status (SPEC §6), or None when it does not answer in time: a scrape then reports
     visor_broker_up 0 rather than fail. The request is control's; the context is this worker's own."""
     try:
-        reply = request_status(ctx, endpoint, timeout_s)   # ZMQError: the worker is leaving (context terminated)
+        reply = request(ctx, endpoint, protocol.StatusRequest(), timeout_s)   # ZMQError: the worker is leaving (context terminated)
     except (zmq.ZMQError, protocol.ProtocolError) as err:
         log.debug("no status from the broker: %s", err)
         return None

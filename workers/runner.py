@@ -2,7 +2,12 @@
 
 The binary gets its own process group and Visor's stdout/stderr (its output never passes through
 Python). It does not die with this worker: if the runner is killed, the broker (a child subreaper)
-inherits the binary and a new runner adopts it. Decides nothing: every start and stop is a command.
+inherits the binary and a new runner adopts it. Nor does it die with the broker: the runner stays
+its parent (so its exit code is kept), goes on with a stop under way (SIGKILL at its deadline), and
+says hello with what it holds until the next broker welcomes it; a binary that ends meanwhile is
+held as a report for that broker. The runner leaves on its own only when it holds nothing: at once
+if it held nothing when the broker died, or ORPHAN_LEAVE_S after its binary ended with no broker to
+tell. Decides nothing: every start and stop is a command.
 """
 
 from __future__ import annotations
@@ -13,38 +18,27 @@ import stat
 import subprocess
 import time
 
-from visor import protocol
+from visor import faults, protocol, stopper
 from visor.errors import NodeError
-from visor.worker import BrokerGone, BrokerLink, Readable, parse_worker_args
+from visor.worker import BrokerLink, BrokerLost, Readable, parse_worker_args
+
+ORPHAN_LEAVE_S = 60.0            # a binary ended with no broker up: its report waits this long for one
+UNKNOWN_EXIT = -1                # the exit code of a binary that was not our child (adopted) is not ours
 
 
-class Binary:
-    """One running binary: our own child (popen set) or adopted from a dead runner (popen None)."""
+class HeldBinary:
+    """The binary this runner supervises: its child (proc.popen set) or adopted (the broker is its parent)."""
 
-    def __init__(self, pid: int, popen: subprocess.Popen | None):
-        self.pid, self.popen = pid, popen
-        self.pidfd = os.pidfd_open(pid)          # readable once the process has exited
+    def __init__(self, proc: stopper.Proc, path: str, args: list[str], started_at: float, create_time: float):
+        self.proc, self.pid = proc, proc.pid
+        self.path, self.args, self.started_at, self.create_time = path, list(args), started_at, create_time
         self.kill_at = float("inf")
+        self.exitcode: int | None = None         # it ended while no broker could be told
 
-    def signal(self, sig: int) -> None:
-        """Signals the binary's process group (it leads it), or the binary alone if that fails."""
-        try:
-            os.killpg(self.pid, sig) if self.alive() else None
-        except (ProcessLookupError, PermissionError):
-            try:
-                signal.pidfd_send_signal(self.pidfd, sig)
-            except ProcessLookupError:
-                pass
-
-    def alive(self) -> bool:
-        try:
-            signal.pidfd_send_signal(self.pidfd, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def close(self) -> None:
-        os.close(self.pidfd)
+    def holding(self, name: str) -> protocol.Holding:
+        return protocol.Holding(name=name, pid=self.pid, path=self.path, args=self.args, started_at=self.started_at,
+                                create_time=self.create_time, exitcode=self.exitcode,
+                                stopping=self.kill_at != float("inf"))
 
 
 def ensure_executable(path: str) -> None:
@@ -54,7 +48,7 @@ def ensure_executable(path: str) -> None:
         os.chmod(path, mode | 0o111)
 
 
-def start(name: str, path: str, args: list[str]) -> tuple[Binary | None, protocol.Message]:
+def start(name: str, path: str, args: list[str]) -> tuple[HeldBinary | None, protocol.Message]:
     try:
         ensure_executable(path)
         popen = subprocess.Popen([path, *args], start_new_session=True, stdin=subprocess.DEVNULL)
@@ -64,19 +58,21 @@ def start(name: str, path: str, args: list[str]) -> tuple[Binary | None, protoco
         return None, protocol.StartFailed(name=name, error=f"{path}: not executable (permission denied)")
     except OSError as err:
         return None, protocol.StartFailed(name=name, error=f"{path}: cannot start it ({err.strerror or err})")
-    return Binary(popen.pid, popen), protocol.BinaryStarted(
-        name=name, pid=popen.pid, path=path, args=list(args), started_at=time.time())
+    created = stopper.create_time(popen.pid)     # our unreaped child: its pid names it until we wait
+    held = HeldBinary(stopper.Proc(popen.pid, os.pidfd_open(popen.pid), group=True, popen=popen),
+                      path, args, time.time(), created or 0.0)
+    if faults.fires("runner-exit-after-start"):
+        os._exit(9)
+    return held, protocol.BinaryStarted(name=name, pid=popen.pid, path=path, args=list(args),
+                                        started_at=held.started_at, create_time=held.create_time)
 
 
-def stop_now(binary: Binary, timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL after timeout_s; blocks. Used only when we are leaving ourselves."""
-    binary.signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while binary.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-        if binary.popen is not None:
-            binary.popen.poll()                  # reap, or alive() stays true for a zombie
-    binary.signal(signal.SIGKILL)
+def adopt(name: str, msg: protocol.AdoptBinary) -> tuple[HeldBinary | None, protocol.Message | None]:
+    """Supervises a binary another runner started, if the pid still names it; else reports it gone."""
+    proc = stopper.pin(msg.pid, msg.create_time, group=True)
+    if proc is None:
+        return None, protocol.BinaryExited(name=name, pid=msg.pid, exitcode=UNKNOWN_EXIT)
+    return HeldBinary(proc, msg.path, msg.args, msg.started_at, msg.create_time), None
 
 
 def query_segment(path: str, args: list[str]) -> protocol.Segment:
@@ -87,51 +83,85 @@ def query_segment(path: str, args: list[str]) -> protocol.Segment:
         return protocol.Segment(height=None, error=str(err))
 
 
+class Runner:
+    def __init__(self, name: str):
+        self.name = name
+        self.held: HeldBinary | None = None
+        self.stop_timeout_s = 15.0
+        self.leave_at = float("inf")             # set while no broker is up and nothing runs
+
+    def greeting(self) -> list[protocol.Message]:
+        return [self.held.holding(self.name)] if self.held else []
+
+    def on_exit(self, link: BrokerLink) -> None:
+        """The binary has ended: report it (an adopted one is reaped and reported by the broker, its
+        parent), or hold the report for the next broker."""
+        held = self.held
+        code = held.proc.reap()
+        held.proc.close()
+        held.kill_at = float("inf")              # nothing left to kill
+        if link.broker_up and (code is None or link.send(protocol.BinaryExited(self.name, held.pid, code))):
+            self.held = None
+            return
+        held.exitcode = UNKNOWN_EXIT if code is None else code
+        self.leave_at = time.monotonic() + ORPHAN_LEAVE_S
+
+    def step(self, link: BrokerLink, msg) -> int | None:
+        """Carries out one command or event; an exit code when the runner must leave."""
+        held = self.held
+        match msg:
+            case protocol.Shutdown():
+                if held is not None and held.exitcode is None:   # the broker stops binaries first
+                    stopper.end([held.proc], self.stop_timeout_s, what=self.name)
+                return 0
+            case protocol.HandOver() if not faults.fires("runner-ignores-handover"):   # (as older code would)
+                if held is not None:             # no signal: the broker, its subreaper, inherits it
+                    held.proc.close()
+                return 0
+            case protocol.Welcome() if held is not None and held.exitcode is not None:
+                link.send(protocol.BinaryExited(name=self.name, pid=held.pid, exitcode=held.exitcode))
+                self.held, self.leave_at = None, float("inf")
+            case BrokerLost() if held is None:
+                return 0                         # nothing to keep: the next broker starts afresh
+            case protocol.StartBinary(path=path, args=args, stop_timeout_s=timeout_s):
+                self.stop_timeout_s = timeout_s
+                if held is not None and held.exitcode is None and held.proc.ended():
+                    self.on_exit(link)           # ended just now; reported before anything new starts
+                if self.held is not None:        # never two copies: the broker is told, and decides
+                    link.send(protocol.StartFailed(name=self.name, error=f"pid {self.held.pid} still runs"))
+                    return None
+                self.held, report = start(self.name, path, args)
+                link.send(report)
+            case protocol.AdoptBinary(stop_timeout_s=timeout_s) if held is None:
+                self.stop_timeout_s = timeout_s
+                self.held, report = adopt(self.name, msg)
+                if report is not None:
+                    link.send(report)
+            case protocol.StopBinary(timeout_s=timeout_s) if held is not None and held.exitcode is None:
+                self.stop_timeout_s = timeout_s
+                held.kill_at = time.monotonic() + timeout_s
+                held.proc.signal(signal.SIGTERM)
+            case protocol.QuerySegment(path=path, args=args):
+                link.send(query_segment(path, args))
+            case Readable():
+                self.on_exit(link)
+            case None if held is not None and time.monotonic() >= held.kill_at:
+                held.proc.signal(signal.SIGKILL)  # ignored SIGTERM for stopSignalTimeoutSeconds
+                held.kill_at = float("inf")
+            case None if time.monotonic() >= self.leave_at:
+                return 0                         # its report waited long enough; the next broker accounts
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_worker_args("runner", argv)
-    name = opts.name.partition(":")[2]
-    binary: Binary | None = None
-    stop_timeout_s = 15.0
-    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
-        try:
-            while True:
-                until = binary.kill_at if binary else float("inf")
-                match link.receive(until=until, watch=(binary.pidfd,) if binary else ()):
-                    case protocol.Shutdown():
-                        if binary is not None:   # the broker stops binaries first; never leave one unwatched
-                            stop_now(binary, stop_timeout_s)
-                        return 0
-                    case protocol.StartBinary(path=path, args=args, stop_timeout_s=stop_timeout_s):
-                        if binary is not None and binary.popen is None and not binary.alive():
-                            binary.close()       # an adopted binary the broker reaped before we noticed
-                            binary = None
-                        if binary is not None:   # never two copies: the broker is told, and decides
-                            link.send(protocol.StartFailed(name=name, error=f"pid {binary.pid} still runs"))
-                            continue
-                        binary, report = start(name, path, args)
-                        link.send(report)
-                    case protocol.AdoptBinary(pid=pid, stop_timeout_s=stop_timeout_s) if binary is None:
-                        try:
-                            binary = Binary(pid, None)
-                        except ProcessLookupError:
-                            pass                 # already gone: the broker reaps it and knows
-                    case protocol.StopBinary(timeout_s=timeout_s) if binary is not None:
-                        stop_timeout_s = timeout_s
-                        binary.kill_at = time.monotonic() + timeout_s
-                        binary.signal(signal.SIGTERM)
-                    case protocol.QuerySegment(path=path, args=args):
-                        link.send(query_segment(path, args))
-                    case Readable():             # the binary has exited
-                        if binary.popen is not None:   # an adopted one is reaped and reported by the broker
-                            code = binary.popen.wait()
-                            link.send(protocol.BinaryExited(name=name, pid=binary.pid, exitcode=code))
-                        binary.close()
-                        binary = None
-                    case None if binary is not None and time.monotonic() >= binary.kill_at:
-                        binary.signal(signal.SIGKILL)   # ignored SIGTERM for stopSignalTimeoutSeconds
-                        binary.kill_at = float("inf")
-        except BrokerGone:
-            # nobody is left to supervise the binary: stop it rather than leave it unwatched
-            if binary is not None:
-                stop_now(binary, stop_timeout_s)
-            raise
+    runner = Runner(opts.name.partition(":")[2])
+    with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first, outlive=True,
+                    greeting=runner.greeting) as link:
+        while True:
+            held = runner.held
+            running = held is not None and held.exitcode is None
+            until = min(held.kill_at if running else float("inf"), runner.leave_at)
+            code = runner.step(link, link.receive(until=until, watch=(held.proc.pidfd,) if running else ()))
+            if code is not None:
+                return code

@@ -24,6 +24,9 @@ OVERSIZED = b"\x00" * ((1 << 20) + 1024)
 FLOOD = 10_000
 
 
+V = protocol.VERSION
+
+
 def garbage_frames(node_pid: int) -> list[bytes]:
     """Frames a broker must refuse one by one without harm."""
     ok = protocol.encode(protocol.StatusRequest())
@@ -31,13 +34,13 @@ def garbage_frames(node_pid: int) -> list[bytes]:
         b"", b"\xff", b"garbage" * 10, os.urandom(300),
         ok[: len(ok) // 2],                                          # truncated msgpack
         msgpack.packb([1, 2, 3]), msgpack.packb(7), msgpack.packb(None),
-        msgpack.packb({"v": 2, "kind": "status_request"}),          # a version we do not speak
-        msgpack.packb({"v": 1}), msgpack.packb({"kind": "status_request"}),
-        msgpack.packb({"v": 1, "kind": ["status_request"]}),         # unhashable kind
-        msgpack.packb({"v": 1, "kind": {"a": 1}}),
-        msgpack.packb({"v": 1, "kind": "status_request", "extra": 1}),
-        msgpack.packb({1: 2, "v": 1, "kind": "hello"}),               # a key that is not a string
-        msgpack.packb({"v": 1, "kind": "hello", "name": 5, "pid": "x"}),
+        msgpack.packb({"v": V + 1, "kind": "status_request"}),      # a version we do not speak
+        msgpack.packb({"v": V}), msgpack.packb({"kind": "status_request"}),
+        msgpack.packb({"v": V, "kind": ["status_request"]}),         # unhashable kind
+        msgpack.packb({"v": V, "kind": {"a": 1}}),
+        msgpack.packb({"v": V, "kind": "status_request", "extra": 1}),
+        msgpack.packb({1: 2, "v": V, "kind": "hello"}),               # a key that is not a string
+        msgpack.packb({"v": V, "kind": "hello", "name": 5, "pid": "x"}),
         b"\x91" * 5000,                                               # arrays nested 5000 deep
         b"\xdb\xff\xff\xff\xff",                                      # a string claiming 4 GiB
         protocol.encode(protocol.BinaryExited(name="vega", pid=node_pid, exitcode=1)),
@@ -113,7 +116,7 @@ def test_garbage_on_the_control_socket(home, daemon, events, ctx, census):
     # a well-formed request of a kind the control socket does not serve: a clear error, not silence
     req = ctx.socket(zmq.REQ)
     req.connect(endpoint)
-    req.send(msgpack.packb({"v": 1, "kind": "reboot_node"}))
+    req.send(msgpack.packb({"v": V, "kind": "reboot_node"}))
     assert req.poll(2000) and "reboot_node" in protocol.decode(req.recv()).error
     req.send(protocol.encode(protocol.Heartbeat()))
     assert req.poll(2000) and "unsupported request 'heartbeat'" in protocol.decode(req.recv()).error

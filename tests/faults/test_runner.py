@@ -137,3 +137,24 @@ def test_an_adopting_runner_late_to_see_its_binary_end_still_starts_the_next_one
     finally:
         if len(home.node_events("started")) < 2:
             daemon.kill()                            # it used to hang here, and would not stop either
+
+
+# --- a runner killed between its start and its report -------------------------------------------
+
+def test_a_runner_killed_between_its_start_and_its_report_never_makes_a_second_node(home, daemon, events, census,
+                                                                                  monkeypatch):
+    """VISOR_FAULT (workers/runner.py) ends the first runner right after it started the node, before its
+    report. The broker, the node's subreaper now, finds it among its children and a new runner adopts
+    it; before the fix the new runner was sent the same start and a second node ran."""
+    fired = home.root / "fault-fired"
+    monkeypatch.setenv("VISOR_FAULT", f"runner-exit-after-start:{fired}")
+    daemon.start()
+    node = wait_running(home)["binaries"]["vega"]["pid"]
+    assert [e["pid"] for e in home.node_events("started")] == [node]
+    assert fired.exists() and "runner:vega died before reporting that it started vega" in daemon.stderr
+    new_runner = wait_until(lambda: (w := ask_status(home)[0]["workers"]["runner:vega"])["alive"] and w["pid"],
+                            what="a new runner")
+    wait_until(lambda: holds_pidfd_of(new_runner, node), what="the new runner to adopt the node")
+    kill9(node)                                      # still supervised, with its real exit code
+    assert events.wait_for("binary.exited", pid=node)["exitcode"] == -9
+    assert home.wait_started(2) and wait_running(home)["restarts"]["count"] == 1

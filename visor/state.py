@@ -179,7 +179,7 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
     if up:
         s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], step=Step.ANSWERING))
     if missing := s.expected - s.running.keys():
-        return _on_failure(s, f"{', '.join(sorted(missing))} ended while Visor was down", cfg, now)
+        return _on_failure(s, f"{', '.join(sorted(missing))} not running when Visor started", cfg, now)
     return s, []
 
 

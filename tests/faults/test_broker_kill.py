@@ -277,5 +277,5 @@ def test_a_binary_of_current_that_nothing_runs_is_a_failed_start_after_adoption(
     events.wait_for("binary.restart_scheduled", restarts=1)
     assert events.wait_for("binary.exited", pid=vega)["exitcode"] == 0
     status = wait_running(home)
-    assert set(status["binaries"]) == {"vega", "data_node"} and "not running when this visor started" in \
+    assert set(status["binaries"]) == {"vega", "data_node"} and "data_node not running when Visor started" in \
         status["reason"]

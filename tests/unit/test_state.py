@@ -286,4 +286,4 @@ def test_adopted_binaries_are_running_and_a_lost_one_is_a_failure():
     s, actions = run([Boot("genesis", adopted={"vega": 10}, expected=frozenset({"vega"}), restarts=2)])
     assert s.phase is Phase.RUNNING and actions == [] and s.restarts == 2 and not s.first_budget
     s, actions = run([Boot("genesis", adopted={"vega": 10}, expected=frozenset({"vega", "data_node"}))])
-    assert s.phase is Phase.RESTARTING and "data_node ended while Visor was down" in s.reason
+    assert s.phase is Phase.RESTARTING and "data_node not running when Visor started" in s.reason

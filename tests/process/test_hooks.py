@@ -1,0 +1,162 @@
+"""Upgrade hooks end to end (issue 13, SPEC §4 [upgradeHooks], §5 hook.*, §7): the real daemon, the
+hooks worker and the fake node. Each hook is a small bash script written into the home; it records how
+it was called (its environment, folder, args, how many lines the fake node's log had, where `current`
+pointed) as one JSON line in HOME/hooks.jsonl, then does what the test says."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import threading
+
+import psutil
+import pytest
+
+from tests.helpers import REPO, run_cli, wait_until
+
+TAG, HEIGHT = "v0.73.0", 120
+
+RECORD = r"""#!/bin/bash
+lines=$(wc -l < "$VISOR_HOME/node.log")
+printf '{"hook":"%s","pid":%s,"t":%s,"node_lines":%s,"current":"%s","cwd":"%s","nargs":%s,"args":"%s",'\
+'"tag":"%s","height":"%s","home":"%s","from":"%s","to":"%s"}\n' \
+    "$VISOR_HOOK" $$ "$(date +%s.%N)" "$lines" "$(readlink "$VISOR_HOME/current")" "$PWD" $# "$*" \
+    "$VISOR_UPGRADE_TAG" "$VISOR_UPGRADE_HEIGHT" "$VISOR_HOME" "$VISOR_FROM_FOLDER" "$VISOR_TO_FOLDER" \
+    >> "$VISOR_HOME/hooks.jsonl"
+echo "hook output: $VISOR_HOOK"
+"""
+
+# SIGTERM is noted and ignored; a background sleep is left in the group; the hook never ends by itself
+HUNG = """trap 'echo term >> "$VISOR_HOME/hung.log"' TERM
+sleep 1000 &
+echo $! >> "$VISOR_HOME/hung.log"
+while true; do sleep 0.1; done
+"""
+
+
+def write_hook(home, name: str, body: str = "exit 0") -> str:
+    """HOME/hooks/<name>: RECORD, then body. Replaced by rename: bash reads a running script as it goes."""
+    path = home.root / "hooks" / name
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{name}.new")
+    tmp.write_text(RECORD + body + "\n")
+    tmp.chmod(0o755)
+    tmp.replace(path)
+    return f"hooks/{name}"
+
+
+def calls(home, hook: str | None = None) -> list[dict]:
+    try:
+        lines = (home.root / "hooks.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [c for c in map(json.loads, lines) if hook is None or c["hook"] == hook]
+
+
+def set_hooks(home, **hooks: dict) -> None:
+    home.set_config(**{f"upgradeHooks.{name}": table for name, table in hooks.items()})
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def untouched(home, pid: int) -> bool:
+    """The node `pid` is the only one started, and it was never signalled, stopped or crashed."""
+    lives = [e for e in home.node_events() if e["event"] not in ("rpc", "serving")]
+    return [(e["event"], e["pid"]) for e in lives] == [("started", pid)]
+
+
+def start(home, daemon) -> int:
+    """Starts the daemon with v0.73.0 staged; the old node's pid once it runs."""
+    home.stage(TAG, TAG)
+    daemon.start()
+    return daemon.wait_running()["binaries"]["vega"]["pid"]
+
+
+@pytest.mark.timeout(60)
+def test_three_hooks_run_in_order_with_their_context_and_downtime_includes_after_stop(home, daemon, events):
+    path = write_hook(home, "record")
+    slow = write_hook(home, "slow", "sleep 0.3")
+    set_hooks(home, beforeStop={"path": path, "args": ["--channel", "two words"]},
+              afterStop={"path": slow}, afterStart={"path": path})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    completed = events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    events.wait_for("hook.completed", hook="afterStart", timeout_s=20)
+
+    hooks = [(e["type"], e.get("hook")) for e in events.received if e["type"].startswith(("hook.", "upgrade."))]
+    assert hooks == [("upgrade.accepted", None), ("upgrade.ready", None),
+                     ("hook.started", "beforeStop"), ("hook.completed", "beforeStop"), ("upgrade.started", None),
+                     ("hook.started", "afterStop"), ("hook.completed", "afterStop"), ("upgrade.completed", None),
+                     ("hook.started", "afterStart"), ("hook.completed", "afterStart")]
+    before, after, after_start = calls(home, "beforeStop")[0], calls(home, "afterStop")[0], calls(home, "afterStart")[0]
+    new = home.node_events("started")[1]["pid"]
+    seen = home.node_events()
+    # beforeStop: the old node runs (it has not logged its stop), `current` is genesis
+    assert not [e for e in seen[:before["node_lines"]] if e["event"] == "stopped"]
+    assert before["current"] == "genesis"
+    # afterStop: the old node stopped, the new one not started, `current` not switched
+    assert [(e["event"], e["pid"]) for e in seen[:after["node_lines"]] if e["event"] in ("started", "stopped")] == \
+        [("started", old), ("stopped", old)]
+    assert after["current"] == "genesis"
+    # afterStart: the new node has answered a status call
+    assert any(e["event"] == "rpc" and e["pid"] == new for e in seen[:after_start["node_lines"]])
+    assert after_start["current"] == TAG
+    root = str(home.root)
+    for call in (before, after, after_start):
+        assert (call["tag"], call["height"], call["home"], call["cwd"]) == (TAG, str(HEIGHT), root, root)
+        assert (call["from"], call["to"]) == (f"{root}/genesis", f"{root}/{TAG}")
+    assert (before["nargs"], before["args"]) == (2, "--channel two words") and after_start["nargs"] == 0
+    for name in ("beforeStop", "afterStop", "afterStart"):
+        started = events.of("hook.started", hook=name)[0]
+        assert started["tag"] == TAG and started["pid"] == calls(home, name)[0]["pid"]
+        assert events.of("hook.completed", hook=name)[0]["tag"] == TAG
+    assert events.of("hook.completed", hook="afterStop")[0]["duration_ms"] >= 300
+    assert completed["downtime_ms"] >= 300
+    wait_until(lambda: "hook output: afterStart" in daemon.stderr, what="the hooks' output in Visor's")
+    assert "hook output: beforeStop" in daemon.stderr
+    status = daemon.wait_running()
+    assert status["upgrade"]["hook"] is None and status["upgrade"]["target"] is None
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_required_before_stop_holds_the_old_node_and_is_retried_until_fixed(home, daemon, events):
+    path = write_hook(home, "check", "exit 3")
+    set_hooks(home, beforeStop={"path": path})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    blocked = events.wait_for("upgrade.blocked", tag=TAG)
+    assert "beforeStop" in blocked["reason"] and "exited with code 3" in blocked["reason"]
+    failed = events.wait_for("hook.failed", hook="beforeStop")
+    assert failed["exitcode"] == 3 and failed["tag"] == TAG and failed["duration_ms"] >= 0
+    status = wait_until(lambda: (s := daemon.status())["visor"]["state"] == "blocked" and s, what="blocked")
+    assert status["binaries"]["vega"]["pid"] == old and "beforeStop" in status["upgrade"]["blocked"]
+    wait_until(lambda: len(events.of("hook.failed", hook="beforeStop")) >= 2, what="a retry", timeout_s=10)
+    assert untouched(home, old)
+    assert home.current == "genesis" and not events.of("upgrade.started")
+    write_hook(home, "check")                            # the operator fixes the hook
+    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    assert home.current == TAG and len(events.of("upgrade.blocked")) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_before_stop_is_killed_whole_at_its_timeout(home, daemon, events):
+    set_hooks(home, beforeStop={"path": write_hook(home, "hung", HUNG), "timeoutSeconds": 1})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    started = events.wait_for("hook.started", hook="beforeStop")
+    failed = events.wait_for("hook.failed", hook="beforeStop", timeout_s=15)
+    assert failed["error"] == "timed out after 1 s" and failed["duration_ms"] >= 5500   # SIGTERM ignored: SIGKILL
+    background, *notes = (home.root / "hung.log").read_text().split()
+    assert notes == ["term"]                           # it was asked first
+    wait_until(lambda: gone(started["pid"]) and gone(int(background)),
+               what="the hook and its background sleep to end")
+    assert "beforeStop" in events.wait_for("upgrade.blocked")["reason"]
+    assert daemon.status()["binaries"]["vega"]["pid"] == old and untouched(home, old)

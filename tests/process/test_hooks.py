@@ -160,3 +160,114 @@ def test_a_hung_before_stop_is_killed_whole_at_its_timeout(home, daemon, events)
                what="the hook and its background sleep to end")
     assert "beforeStop" in events.wait_for("upgrade.blocked")["reason"]
     assert daemon.status()["binaries"]["vega"]["pid"] == old and untouched(home, old)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_required_after_stop_keeps_the_node_down_until_a_reload_makes_it_optional(home, daemon, events):
+    backup = {"path": write_hook(home, "backup", "exit 4")}
+    set_hooks(home, afterStop=backup)
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    blocked = events.wait_for("upgrade.blocked", tag=TAG)
+    assert "afterStop" in blocked["reason"] and "exited with code 4" in blocked["reason"]
+    status = wait_until(lambda: (s := daemon.status())["visor"]["state"] == "blocked" and s, what="blocked")
+    assert status["binaries"] == {} and home.current == "genesis"
+    wait_until(lambda: len(events.of("hook.failed", hook="afterStop")) >= 2, what="a retry", timeout_s=10)
+    lives = [(e["event"], e["pid"]) for e in home.node_events() if e["event"] in ("started", "stopped")]
+    assert lives == [("started", old), ("stopped", old)] and home.current == "genesis"    # still down
+    set_hooks(home, afterStop={**backup, "required": False})
+    events.wait_for("config.reloaded")
+    completed = events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    assert home.current == TAG and home.wait_started(2)
+    assert len(events.of("upgrade.blocked")) == 1
+    assert completed["downtime_ms"] >= 3000          # held down through at least one retry
+
+
+@pytest.mark.timeout(60)
+def test_optional_hooks_and_after_start_failures_are_only_reported(home, daemon, events):
+    failing = write_hook(home, "failing", "exit 5")
+    set_hooks(home, beforeStop={"path": failing, "required": False}, afterStop={"path": failing, "required": False},
+              afterStart={"path": failing})
+    start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    failed = events.wait_for("hook.failed", hook="afterStart", timeout_s=10)
+    assert failed["exitcode"] == 5 and failed["tag"] == TAG
+    assert [e["hook"] for e in events.of("hook.failed")] == ["beforeStop", "afterStop", "afterStart"]
+    new = daemon.wait_running()
+    assert not events.of("upgrade.blocked") and new["upgrade"]["target"] is None and home.current == TAG
+    answered = len(home.node_events("rpc"))
+    wait_until(lambda: len(home.node_events("rpc")) > answered + 3, what="the new node answering on")
+    assert len(home.node_events("started")) == 2 and len(events.of("hook.failed")) == 3
+    assert daemon.status()["binaries"]["vega"]["pid"] == new["binaries"]["vega"]["pid"]
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_the_running_hook_and_a_killed_hooks_worker_fails_it_and_is_retried(home, daemon, events):
+    set_hooks(home, beforeStop={"path": write_hook(home, "wait", 'sleep 1000 & echo $! > "$VISOR_HOME/bg.pid"; wait')})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    started = events.wait_for("hook.started", hook="beforeStop")
+    status = daemon.status()
+    assert status["upgrade"]["hook"]["name"] == "beforeStop" and status["upgrade"]["hook"]["pid"] == started["pid"]
+    assert status["upgrade"]["hook"]["running_s"] >= 0 and status["visor"]["state"] == "upgrading"
+    human = run_cli("status", "--home", home.root)
+    assert human.returncode == 0 and "hook      beforeStop running for " in human.stdout
+    background = int(wait_until(lambda: (home.root / "bg.pid").read_text().strip() if (home.root / "bg.pid").exists()
+                                else "", what="the hook's background sleep"))
+    os.kill(status["workers"]["hooks"]["pid"], signal.SIGKILL)
+    failed = events.wait_for("hook.failed", hook="beforeStop")
+    assert "hooks worker died" in failed["error"] and failed["tag"] == TAG
+    wait_until(lambda: gone(started["pid"]) and gone(background), what="the hook's process group to end")
+    assert "beforeStop" in events.wait_for("upgrade.blocked")["reason"] and untouched(home, old)
+    write_hook(home, "wait")                             # the next run passes
+    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    assert len(events.of("hook.started", hook="beforeStop")) == 2
+    assert daemon.status()["workers"]["hooks"]["alive"]
+
+
+class Webhook(http.server.ThreadingHTTPServer):
+    def __init__(self):
+        self.posts: list[dict] = []
+        super().__init__(("127.0.0.1", 0), WebhookHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/visor"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class WebhookHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.server.posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_the_example_hooks_back_up_the_node_state_and_notify_a_webhook(home, daemon, events):
+    state = home.root / "vega-state"
+    (state / "snapshots").mkdir(parents=True)
+    (state / "snapshots" / "120.db").write_bytes(b"block 120")
+    (home.root / "hooks").mkdir()
+    for name in ("backup", "notify"):
+        shutil.copy2(REPO / "etc" / "hooks" / name, home.root / "hooks" / name)     # as an operator would
+    webhook = Webhook()
+    try:
+        set_hooks(home, afterStop={"path": "hooks/backup", "args": ["--source", str(state)]},
+                  afterStart={"path": "hooks/notify", "args": [webhook.url, "--timeout", "5"], "required": False})
+        start(home, daemon)
+        home.announce(TAG, HEIGHT, ready=True)
+        events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+        events.wait_for("hook.completed", hook="afterStart", timeout_s=10)
+    finally:
+        webhook.shutdown()
+        webhook.server_close()
+    assert events.of("hook.completed", hook="afterStop")
+    [backup] = (home.root / "backups").iterdir()                 # the default: VISOR_HOME/backups
+    assert backup.name.startswith(f"{TAG}-h{HEIGHT}-")
+    assert (backup / "snapshots" / "120.db").read_bytes() == b"block 120"
+    root = str(home.root)
+    assert webhook.posts == [{"tag": TAG, "height": HEIGHT, "hook": "afterStart", "home": root,
+                              "from": f"{root}/genesis", "to": f"{root}/{TAG}"}]
+    assert str(backup) in daemon.stderr                          # the hooks' output is Visor's

@@ -356,9 +356,9 @@ class Broker:
         self.emit("worker.exited", worker=worker.name, pid=pid, exitcode=code)
         if worker.name.startswith("runner:"):
             self._account_for_binaries()     # its binary is now our child, or ended unreported
-        elif worker.name == "hooks" and (failed := self.hooks.worker_died(code)):
-            self.assignments.pop("hooks", None)      # a killed hook is a failed hook, retried as one
-            self._on_hook_finished(failed)
+        elif worker.name == "hooks":
+            for failed in self.hooks.worker_died(code):  # a killed hook is a failed hook, retried as one
+                self._on_hook_finished(failed)
 
     def _account_for_binaries(self) -> None:
         """Reports binaries that ended with no runner to report them: reaped by us, or vanished."""
@@ -411,10 +411,11 @@ class Broker:
     def _on_hook_finished(self, msg: p.HookFinished) -> None:
         if (ended := self.hooks.finished(msg)) is None:
             return                                   # a refusal or a report about no hook we run
-        type_, fields = ended
-        self.assignments.pop("hooks", None)
+        type_, fields, awaited = ended
         self.emit(type_, **fields)
-        self.feed(msg)
+        if awaited:                                  # not the end of a hook superseded by a later one
+            self.assignments.pop("hooks", None)
+            self.feed(msg)
 
     def _on_timer(self, name: str) -> None:
         if name == "spawn-workers":

@@ -271,3 +271,23 @@ def test_the_example_hooks_back_up_the_node_state_and_notify_a_webhook(home, dae
     assert webhook.posts == [{"tag": TAG, "height": HEIGHT, "hook": "afterStart", "home": root,
                               "from": f"{root}/genesis", "to": f"{root}/{TAG}"}]
     assert str(backup) in daemon.stderr                          # the hooks' output is Visor's
+
+
+@pytest.mark.timeout(60)
+def test_a_hook_left_running_by_an_abandoned_upgrade_does_not_hold_the_next_one(home, daemon, events):
+    # the new node crashes while its afterStart hook still runs: that upgrade is over (a restart follows),
+    # and the next upgrade's beforeStop must run, not be refused because the stale hook still runs
+    set_hooks(home, beforeStop={"path": write_hook(home, "record")},
+              afterStart={"path": write_hook(home, "slow", "sleep 30"), "timeoutSeconds": 50})
+    home.stage("v0.74.0", "v0.74.0")
+    start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    stale = events.wait_for("hook.started", hook="afterStart", timeout_s=20)
+    os.kill(daemon.status()["binaries"]["vega"]["pid"], signal.SIGKILL)
+    events.wait_for("binary.restart_scheduled")
+    daemon.wait_running()
+    home.announce("v0.74.0", 200, ready=True)
+    events.wait_for("upgrade.completed", timeout_s=20, tag="v0.74.0")
+    assert [c["tag"] for c in calls(home, "beforeStop")] == [TAG, "v0.74.0"]
+    failed = events.wait_for("hook.failed", hook="afterStart")            # ended, and said so
+    assert failed["tag"] == TAG and gone(stale["pid"])

@@ -79,9 +79,12 @@ class Hooks:
 
     def worker_died(self, exitcode: int) -> list[p.HookFinished]:
         """The hooks worker is gone: each hook sent to it has failed, the running one's group is killed."""
-        if (run := self.running) is not None and run.pid is not None:
+        for run in self.sent:
+            pid = run.pid if run.pid is not None else _orphaned(run)
+            if pid is None:
+                continue
             try:
-                os.killpg(run.pid, signal.SIGKILL)   # the hook is now our child (subreaper): reaped as an orphan
+                os.killpg(pid, signal.SIGKILL)       # the hook is now our child (subreaper): reaped as an orphan
             except (ProcessLookupError, PermissionError):
                 pass
         why = f"the hooks worker died (exit code {exitcode})"
@@ -95,3 +98,18 @@ class Hooks:
         if run is None:
             return None
         return {"name": run.hook, "pid": run.pid, "running_s": round(time.time() - run.started_at, 1)}
+
+
+def _orphaned(run: Running) -> int | None:
+    """The pid of a hook whose HookStarted died with its worker (killed right after starting it). It is
+    our child now (we are a subreaper), a group leader, and its environment says which hook it is."""
+    import psutil
+    for child in psutil.Process().children():
+        try:
+            env = child.environ()
+            if env.get("VISOR_HOOK") == run.hook and env.get("VISOR_UPGRADE_TAG") == run.tag \
+                    and os.getpgid(child.pid) == child.pid:
+                return child.pid
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return None

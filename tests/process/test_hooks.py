@@ -11,11 +11,13 @@ import os
 import shutil
 import signal
 import threading
+import time
 
 import psutil
 import pytest
 
 from tests.helpers import REPO, run_cli, wait_until
+from workers.hooks import SHUTDOWN_GRACE_S
 
 TAG, HEIGHT = "v0.73.0", 120
 
@@ -291,3 +293,40 @@ def test_a_hook_left_running_by_an_abandoned_upgrade_does_not_hold_the_next_one(
     assert [c["tag"] for c in calls(home, "beforeStop")] == [TAG, "v0.74.0"]
     failed = events.wait_for("hook.failed", hook="afterStart")            # ended, and said so
     assert failed["tag"] == TAG and gone(stale["pid"])
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_killed_during_after_stop_runs_it_again_at_the_next_start_with_the_node_still_down(
+        home, daemon, events):
+    # the first run hangs (and ignores SIGTERM); a run that finds the marker passes
+    body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntrap "" TERM\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
+    set_hooks(home, afterStop={"path": write_hook(home, "backup", body)})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    hung = events.wait_for("hook.started", hook="afterStop")["pid"]
+    wait_until(lambda: (home.root / "again").exists(), what="the hook to ignore SIGTERM")
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    wait_until(lambda: gone(hung), what="the orphaned hook to be ended by its worker", timeout_s=10)
+    assert home.current == "genesis"
+    daemon.start()
+    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    assert [c["hook"] for c in calls(home)] == ["afterStop", "afterStop"] and home.current == TAG
+    home.wait_started(2)
+    lives = [(e["event"], e["pid"]) for e in home.node_events() if e["event"] in ("started", "stopped")]
+    assert lives[:2] == [("started", old), ("stopped", old)] and len(lives) == 3      # never the old node again
+
+
+@pytest.mark.timeout(60)
+def test_visor_stops_cleanly_while_a_hook_runs(home, daemon, events):
+    stubborn = 'trap "" TERM\ntouch "$VISOR_HOME/trapped"\nsleep 1000 & wait'
+    set_hooks(home, beforeStop={"path": write_hook(home, "stubborn", stubborn)})
+    start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    hook = events.wait_for("hook.started", hook="beforeStop")["pid"]
+    wait_until(lambda: (home.root / "trapped").exists(), what="the hook to ignore SIGTERM")
+    began = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - began >= SHUTDOWN_GRACE_S - 0.1     # SIGTERM ignored: SIGKILL after the grace
+    assert gone(hook) and home.current == "genesis"
+    assert "stopped" in [e["event"] for e in home.node_events()]

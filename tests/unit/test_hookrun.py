@@ -36,7 +36,8 @@ def test_a_hook_no_longer_configured_passes_without_running():
 def test_reports_are_read_in_the_order_hooks_were_sent_and_only_the_last_end_is_awaited():
     hooks = Hooks(Path("/srv/visor"))
     hooks.command(action("afterStart", "v0.73.0"), CFG)
-    assert hooks.started(p.HookStarted(hook="afterStart", pid=41)) == {"hook": "afterStart", "tag": "v0.73.0", "pid": 41}
+    assert hooks.started(p.HookStarted(hook="afterStart", pid=41)) == {"hook": "afterStart", "tag": "v0.73.0",
+                                                                       "pid": 41}
     hooks.command(action("beforeStop", "v0.74.0"), CFG)            # the first one's upgrade was given up
     assert hooks.status()["name"] == "afterStart" and hooks.status()["pid"] == 41     # what runs now
     stale = hooks.finished(p.HookFinished(hook="afterStart", ok=False, duration_ms=5.0, exitcode=-15,

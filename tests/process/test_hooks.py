@@ -330,3 +330,27 @@ def test_visor_stops_cleanly_while_a_hook_runs(home, daemon, events):
     assert time.monotonic() - began >= SHUTDOWN_GRACE_S - 0.1     # SIGTERM ignored: SIGKILL after the grace
     assert gone(hook) and home.current == "genesis"
     assert "stopped" in [e["event"] for e in home.node_events()]
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_killed_during_before_stop_begins_the_upgrade_again_with_the_hook(home, daemon, events):
+    body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
+    set_hooks(home, beforeStop={"path": write_hook(home, "announce", body)})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    hook = events.wait_for("hook.started", hook="beforeStop")["pid"]
+    wait_until(lambda: (home.root / "again").exists(), what="the hook to run")
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    wait_until(lambda: gone(hook), what="the orphaned hook to be ended by its worker")
+    daemon.start()
+    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    assert [(c["hook"], c["current"]) for c in calls(home)] == [("beforeStop", "genesis")] * 2
+    assert home.current == TAG
+    # nothing was switched: the next run started the old folder again (runners end their binaries with the
+    # broker, workers/runner.py), which the hook ran beside before its stop
+    starts = [e["folder"] for e in home.node_events("started")]
+    assert starts[:2] == [str(home.root / "genesis")] * 2 and home.node_events("started")[0]["pid"] == old
+    second = calls(home)[1]["node_lines"]
+    assert [e["event"] for e in home.node_events()[:second] if e["event"] in ("started", "stopped")] == \
+        ["started", "stopped", "started"]

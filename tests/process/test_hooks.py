@@ -354,3 +354,19 @@ def test_a_broker_killed_during_before_stop_begins_the_upgrade_again_with_the_ho
     second = calls(home)[1]["node_lines"]
     assert [e["event"] for e in home.node_events()[:second] if e["event"] in ("started", "stopped")] == \
         ["started", "stopped", "started"]
+
+
+@pytest.mark.timeout(60)
+def test_after_start_after_a_broker_killed_past_the_switch_still_knows_the_old_folder(home, daemon, events):
+    set_hooks(home, afterStart={"path": write_hook(home, "record")})
+    home.stage(TAG, TAG, args=home.node_args("--serve-after", "2"))     # the new node: slow to answer
+    daemon.start()
+    daemon.wait_running()
+    home.announce(TAG, HEIGHT, ready=True)
+    wait_until(lambda: home.current == TAG and len(home.node_events("started")) == 2, what="the switch")
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    daemon.start()
+    events.wait_for("hook.completed", hook="afterStart", timeout_s=20)
+    [call] = calls(home)
+    assert (call["from"], call["to"]) == (f"{home.root}/genesis", f"{home.root}/{TAG}")

@@ -186,15 +186,17 @@ def test_a_failing_required_after_stop_keeps_the_node_down_until_a_reload_makes_
 
 
 @pytest.mark.timeout(60)
-def test_optional_hooks_and_after_start_failures_are_only_reported(home, daemon, events):
+def test_optional_hooks_and_an_after_start_that_cannot_start_are_only_reported(home, daemon, events):
     failing = write_hook(home, "failing", "exit 5")
     set_hooks(home, beforeStop={"path": failing, "required": False}, afterStop={"path": failing, "required": False},
-              afterStart={"path": failing})
+              afterStart={"path": "hooks/missing"})
     start(home, daemon)
     home.announce(TAG, HEIGHT, ready=True)
     events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
     failed = events.wait_for("hook.failed", hook="afterStart", timeout_s=10)
-    assert failed["exitcode"] == 5 and failed["tag"] == TAG
+    assert failed["error"] == f"cannot start {home.root}/hooks/missing: No such file or directory"
+    assert failed["exitcode"] is None and failed["tag"] == TAG
+    assert [e["exitcode"] for e in events.of("hook.failed")][:2] == [5, 5]
     assert [e["hook"] for e in events.of("hook.failed")] == ["beforeStop", "afterStop", "afterStart"]
     new = daemon.wait_running()
     assert not events.of("upgrade.blocked") and new["upgrade"]["target"] is None and home.current == TAG
@@ -292,7 +294,7 @@ def test_a_hook_left_running_by_an_abandoned_upgrade_does_not_hold_the_next_one(
     events.wait_for("upgrade.completed", timeout_s=20, tag="v0.74.0")
     assert [c["tag"] for c in calls(home, "beforeStop")] == [TAG, "v0.74.0"]
     failed = events.wait_for("hook.failed", hook="afterStart")            # ended, and said so
-    assert failed["tag"] == TAG and gone(stale["pid"])
+    assert (failed["tag"], failed["error"]) == (TAG, "stopped: superseded by beforeStop") and gone(stale["pid"])
 
 
 @pytest.mark.timeout(60)

@@ -39,6 +39,23 @@ while true; do sleep 0.1; done
 """
 
 
+@pytest.fixture(autouse=True)
+def no_hook_left(home):
+    """After the daemon has stopped (autouse: set up before it, torn down after it), nothing a hook started
+    may still run: found by the hooks' environment, since a `sleep` names no home on its command line."""
+    yield
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("VISOR_HOME") == str(home.root) and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc)
+        except psutil.Error:
+            continue
+    for proc in left:
+        proc.kill()
+    assert not left, f"hook processes left behind: {[proc.cmdline() for proc in left]}"
+
+
 def write_hook(home, name: str, body: str = "exit 0") -> str:
     """HOME/hooks/<name>: RECORD, then body. Replaced by rename: bash reads a running script as it goes."""
     path = home.root / "hooks" / name

@@ -410,7 +410,7 @@ class Broker:
 
     def _on_hook_finished(self, msg: p.HookFinished) -> None:
         if (ended := self.hooks.finished(msg)) is None:
-            return                                   # a refusal or a report about no hook we run
+            return                                   # a report about no hook we sent
         type_, fields, awaited = ended
         self.emit(type_, **fields)
         if awaited:                                  # not the end of a hook superseded by a later one

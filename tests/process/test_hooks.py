@@ -1,7 +1,7 @@
 """Upgrade hooks end to end (issue 13, SPEC §4 [upgradeHooks], §5 hook.*, §7): the real daemon, the
-hooks worker and the fake node. Each hook is a small bash script written into the home; it records how
-it was called (its environment, folder, args, how many lines the fake node's log had, where `current`
-pointed) as one JSON line in HOME/hooks.jsonl, then does what the test says."""
+hooks worker and the fake node. Each hook is a small bash script written into the home (hookkit.py); it
+records how it was called (its environment, folder, args, how many lines the fake node's log had, where
+`current` pointed) as one JSON line in HOME/hooks.jsonl, then does what the test says."""
 
 from __future__ import annotations
 
@@ -11,25 +11,12 @@ import os
 import shutil
 import signal
 import threading
-import time
 
-import psutil
 import pytest
 
 from tests.helpers import REPO, run_cli, wait_until
-from workers.hooks import SHUTDOWN_GRACE_S
-
-TAG, HEIGHT = "v0.73.0", 120
-
-RECORD = r"""#!/bin/bash
-lines=$(wc -l < "$VISOR_HOME/node.log")
-printf '{"hook":"%s","pid":%s,"t":%s,"node_lines":%s,"current":"%s","cwd":"%s","nargs":%s,"args":"%s",'\
-'"tag":"%s","height":"%s","home":"%s","from":"%s","to":"%s"}\n' \
-    "$VISOR_HOOK" $$ "$(date +%s.%N)" "$lines" "$(readlink "$VISOR_HOME/current")" "$PWD" $# "$*" \
-    "$VISOR_UPGRADE_TAG" "$VISOR_UPGRADE_HEIGHT" "$VISOR_HOME" "$VISOR_FROM_FOLDER" "$VISOR_TO_FOLDER" \
-    >> "$VISOR_HOME/hooks.jsonl"
-echo "hook output: $VISOR_HOOK"
-"""
+from tests.process.hookkit import (HEIGHT, TAG, calls, gone, no_hook_left, set_hooks, start,  # noqa: F401
+                                   untouched, write_hook)
 
 # SIGTERM is noted and ignored; a background sleep is left in the group; the hook never ends by itself
 HUNG = """trap 'echo term >> "$VISOR_HOME/hung.log"' TERM
@@ -37,66 +24,6 @@ sleep 1000 &
 echo $! >> "$VISOR_HOME/hung.log"
 while true; do sleep 0.1; done
 """
-
-
-@pytest.fixture(autouse=True)
-def no_hook_left(home):
-    """After the daemon has stopped (autouse: set up before it, torn down after it), nothing a hook started
-    may still run: found by the hooks' environment, since a `sleep` names no home on its command line."""
-    yield
-    left = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("VISOR_HOME") == str(home.root) and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append(proc)
-        except psutil.Error:
-            continue
-    for proc in left:
-        proc.kill()
-    assert not left, f"hook processes left behind: {[proc.cmdline() for proc in left]}"
-
-
-def write_hook(home, name: str, body: str = "exit 0") -> str:
-    """HOME/hooks/<name>: RECORD, then body. Replaced by rename: bash reads a running script as it goes."""
-    path = home.root / "hooks" / name
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{name}.new")
-    tmp.write_text(RECORD + body + "\n")
-    tmp.chmod(0o755)
-    tmp.replace(path)
-    return f"hooks/{name}"
-
-
-def calls(home, hook: str | None = None) -> list[dict]:
-    try:
-        lines = (home.root / "hooks.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [c for c in map(json.loads, lines) if hook is None or c["hook"] == hook]
-
-
-def set_hooks(home, **hooks: dict) -> None:
-    home.set_config(**{f"upgradeHooks.{name}": table for name, table in hooks.items()})
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def untouched(home, pid: int) -> bool:
-    """The node `pid` is the only one started, and it was never signalled, stopped or crashed."""
-    lives = [e for e in home.node_events() if e["event"] not in ("rpc", "serving")]
-    return [(e["event"], e["pid"]) for e in lives] == [("started", pid)]
-
-
-def start(home, daemon) -> int:
-    """Starts the daemon with v0.73.0 staged; the old node's pid once it runs."""
-    home.stage(TAG, TAG)
-    daemon.start()
-    return daemon.wait_running()["binaries"]["vega"]["pid"]
 
 
 @pytest.mark.timeout(60)
@@ -292,100 +219,3 @@ def test_the_example_hooks_back_up_the_node_state_and_notify_a_webhook(home, dae
     assert webhook.posts == [{"tag": TAG, "height": HEIGHT, "hook": "afterStart", "home": root,
                               "from": f"{root}/genesis", "to": f"{root}/{TAG}"}]
     assert str(backup) in daemon.stderr                          # the hooks' output is Visor's
-
-
-@pytest.mark.timeout(60)
-def test_a_hook_left_running_by_an_abandoned_upgrade_does_not_hold_the_next_one(home, daemon, events):
-    # the new node crashes while its afterStart hook still runs: that upgrade is over (a restart follows),
-    # and the next upgrade's beforeStop must run, not be refused because the stale hook still runs
-    set_hooks(home, beforeStop={"path": write_hook(home, "record")},
-              afterStart={"path": write_hook(home, "slow", "sleep 30"), "timeoutSeconds": 50})
-    home.stage("v0.74.0", "v0.74.0")
-    start(home, daemon)
-    home.announce(TAG, HEIGHT, ready=True)
-    stale = events.wait_for("hook.started", hook="afterStart", timeout_s=20)
-    os.kill(daemon.status()["binaries"]["vega"]["pid"], signal.SIGKILL)
-    events.wait_for("binary.restart_scheduled")
-    daemon.wait_running()
-    home.announce("v0.74.0", 200, ready=True)
-    events.wait_for("upgrade.completed", timeout_s=20, tag="v0.74.0")
-    assert [c["tag"] for c in calls(home, "beforeStop")] == [TAG, "v0.74.0"]
-    failed = events.wait_for("hook.failed", hook="afterStart")            # ended, and said so
-    assert (failed["tag"], failed["error"]) == (TAG, "stopped: superseded by beforeStop") and gone(stale["pid"])
-
-
-@pytest.mark.timeout(60)
-def test_a_broker_killed_during_after_stop_runs_it_again_at_the_next_start_with_the_node_still_down(
-        home, daemon, events):
-    # the first run hangs (and ignores SIGTERM); a run that finds the marker passes
-    body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntrap "" TERM\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
-    set_hooks(home, afterStop={"path": write_hook(home, "backup", body)})
-    old = start(home, daemon)
-    home.announce(TAG, HEIGHT, ready=True)
-    hung = events.wait_for("hook.started", hook="afterStop")["pid"]
-    wait_until(lambda: (home.root / "again").exists(), what="the hook to ignore SIGTERM")
-    os.kill(daemon.proc.pid, signal.SIGKILL)
-    daemon.proc.wait(5)
-    wait_until(lambda: gone(hung), what="the orphaned hook to be ended by its worker", timeout_s=10)
-    assert home.current == "genesis"
-    daemon.start()
-    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
-    assert [c["hook"] for c in calls(home)] == ["afterStop", "afterStop"] and home.current == TAG
-    home.wait_started(2)
-    lives = [(e["event"], e["pid"]) for e in home.node_events() if e["event"] in ("started", "stopped")]
-    assert lives[:2] == [("started", old), ("stopped", old)] and len(lives) == 3      # never the old node again
-
-
-@pytest.mark.timeout(60)
-def test_visor_stops_cleanly_while_a_hook_runs(home, daemon, events):
-    stubborn = 'trap "" TERM\ntouch "$VISOR_HOME/trapped"\nsleep 1000 & wait'
-    set_hooks(home, beforeStop={"path": write_hook(home, "stubborn", stubborn)})
-    start(home, daemon)
-    home.announce(TAG, HEIGHT, ready=True)
-    hook = events.wait_for("hook.started", hook="beforeStop")["pid"]
-    wait_until(lambda: (home.root / "trapped").exists(), what="the hook to ignore SIGTERM")
-    began = time.monotonic()
-    assert daemon.stop() == 0
-    assert time.monotonic() - began >= SHUTDOWN_GRACE_S - 0.1     # SIGTERM ignored: SIGKILL after the grace
-    assert gone(hook) and home.current == "genesis"
-    assert "stopped" in [e["event"] for e in home.node_events()]
-
-
-@pytest.mark.timeout(60)
-def test_a_broker_killed_during_before_stop_begins_the_upgrade_again_with_the_hook(home, daemon, events):
-    body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
-    set_hooks(home, beforeStop={"path": write_hook(home, "announce", body)})
-    old = start(home, daemon)
-    home.announce(TAG, HEIGHT, ready=True)
-    hook = events.wait_for("hook.started", hook="beforeStop")["pid"]
-    wait_until(lambda: (home.root / "again").exists(), what="the hook to run")
-    os.kill(daemon.proc.pid, signal.SIGKILL)
-    daemon.proc.wait(5)
-    wait_until(lambda: gone(hook), what="the orphaned hook to be ended by its worker")
-    daemon.start()
-    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
-    assert [(c["hook"], c["current"]) for c in calls(home)] == [("beforeStop", "genesis")] * 2
-    assert home.current == TAG
-    # nothing was switched: the next run started the old folder again (runners end their binaries with the
-    # broker, workers/runner.py), which the hook ran beside before its stop
-    starts = [e["folder"] for e in home.node_events("started")]
-    assert starts[:2] == [str(home.root / "genesis")] * 2 and home.node_events("started")[0]["pid"] == old
-    second = calls(home)[1]["node_lines"]
-    assert [e["event"] for e in home.node_events()[:second] if e["event"] in ("started", "stopped")] == \
-        ["started", "stopped", "started"]
-
-
-@pytest.mark.timeout(60)
-def test_after_start_after_a_broker_killed_past_the_switch_still_knows_the_old_folder(home, daemon, events):
-    set_hooks(home, afterStart={"path": write_hook(home, "record")})
-    home.stage(TAG, TAG, args=home.node_args("--serve-after", "2"))     # the new node: slow to answer
-    daemon.start()
-    daemon.wait_running()
-    home.announce(TAG, HEIGHT, ready=True)
-    wait_until(lambda: home.current == TAG and len(home.node_events("started")) == 2, what="the switch")
-    os.kill(daemon.proc.pid, signal.SIGKILL)
-    daemon.proc.wait(5)
-    daemon.start()
-    events.wait_for("hook.completed", hook="afterStart", timeout_s=20)
-    [call] = calls(home)
-    assert (call["from"], call["to"]) == (f"{home.root}/genesis", f"{home.root}/{TAG}")

@@ -102,14 +102,16 @@ class Hooks:
 
 def _orphaned(run: Running) -> int | None:
     """The pid of a hook whose HookStarted died with its worker (killed right after starting it). It is
-    our child now (we are a subreaper), a group leader, and its environment says which hook it is."""
+    our child now (we are a subreaper), a group leader, and its environment says which hook it is; the
+    newest such, since something an earlier run of that hook detached (setsid) can match too."""
     import psutil
+    found = []
     for child in psutil.Process().children():
         try:
             env = child.environ()
             if env.get("VISOR_HOOK") == run.hook and env.get("VISOR_UPGRADE_TAG") == run.tag \
                     and os.getpgid(child.pid) == child.pid:
-                return child.pid
+                found.append((child.create_time(), child.pid))
         except (psutil.Error, ProcessLookupError):
             continue
-    return None
+    return max(found)[1] if found else None

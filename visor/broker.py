@@ -343,11 +343,12 @@ class Broker(Custody):
 
     def _on_hook_finished(self, msg: p.HookFinished) -> None:
         if (ended := self.hooks.finished(msg)) is None:
-            return                                   # a refusal or a report about no hook we run
-        type_, fields = ended
-        self.assignments.pop("hooks", None)
+            return                                   # a report about no hook we sent
+        type_, fields, awaited = ended
         self.emit(type_, **fields)
-        self.feed(msg)
+        if awaited:                                  # not the end of a hook superseded by a later one
+            self.assignments.pop("hooks", None)
+            self.feed(msg)
 
     def _reload(self, values: dict, warnings: list[str]) -> None:
         for warning in warnings:

@@ -120,9 +120,9 @@ class Custody:
             self._state_file_dirty = True
             self._find_started(worker)       # it may have died between its start and its report
             self._account_for_binaries()     # its binary is now our child, or ended unreported
-        elif worker.name == "hooks" and (failed := self.hooks.worker_died(code)):
-            self.assignments.pop("hooks", None)      # a killed hook is a failed hook, retried as one
-            self._on_hook_finished(failed)
+        elif worker.name == "hooks":
+            for failed in self.hooks.worker_died(code):  # a killed hook is a failed hook, retried as one
+                self._on_hook_finished(failed)
 
     def _find_started(self, worker) -> None:
         """Before its start is sent again to a new runner: a binary the dead runner started is now our

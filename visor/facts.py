@@ -21,7 +21,8 @@ class Boot:
     adopted: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # name -> pid left running
     expected: frozenset[str] = frozenset()   # the binaries of the current run-config
     restarts: int = 0                    # the restart count, carried over
-    upgrade: Mapping[str, Any] | None = None  # in_flight() of the previous run: {"tag", "folder", "height"}
+    # in_flight() of the previous run: {"tag", "folder", "height", "source"} (no "source" in older state files)
+    upgrade: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

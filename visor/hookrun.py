@@ -1,10 +1,14 @@
-"""The broker's side of upgrade hooks: the command for the hooks worker, the one hook running, its events.
+"""The broker's side of upgrade hooks: the command for the hooks worker, the hooks it runs, their events.
 
 state.step decides when a hook runs and what its end means; this module only turns a RunHook action
-into the worker's command (program, args, timeout, SPEC §7 environment), remembers which hook runs
+into the worker's command (program, args, timeout, SPEC §7 environment), remembers the hooks sent
 (for `visor status` and the hook.* events, which carry the upgrade's tag), and, if the hooks worker
 dies mid-hook, kills the hook's process group (it leads one: pgid == pid) and reports a failed hook,
 so that an upgrade is never left waiting on a hook nobody runs.
+
+Usually one hook is out at a time. A second is sent when state.step gave up the upgrade the first
+belonged to (a crash-restart) and a new upgrade needs its own: the worker ends the first and runs the
+second, and reports on both in the order they were sent. Only the last one's end is news for state.step.
 """
 
 from __future__ import annotations
@@ -34,14 +38,19 @@ class Running:
 class Hooks:
     def __init__(self, home: Path):
         self.home = home
-        self.running: Running | None = None
+        self.sent: list[Running] = []    # sent to the hooks worker, not yet reported finished; oldest first
+
+    @property
+    def running(self) -> Running | None:
+        """The hook the worker runs now (reports come in the order of `sent`)."""
+        return self.sent[0] if self.sent else None
 
     def command(self, action: RunHook, cfg: VisorConfig) -> p.RunHook | p.HookFinished:
-        """The worker's command; a HookFinished (failed) when the hook is no longer configured."""
+        """The worker's command; a HookFinished (passed) when the hook is no longer configured."""
         hook = cfg.hook(action.hook)
         if hook is None:         # removed by a reload between the decision and now: nothing to run
             return p.HookFinished(hook=action.hook, ok=True, duration_ms=0.0)
-        self.running = Running(action.hook, action.tag, started_at=time.time())
+        self.sent.append(Running(action.hook, action.tag, started_at=time.time()))
         env = {"VISOR_HOOK": action.hook, "VISOR_HOME": str(self.home), "VISOR_UPGRADE_TAG": action.tag,
                "VISOR_UPGRADE_HEIGHT": str(action.height), "VISOR_FROM_FOLDER": str(self.home / action.source),
                "VISOR_TO_FOLDER": str(self.home / action.folder)}
@@ -50,38 +59,59 @@ class Hooks:
 
     def started(self, msg: p.HookStarted) -> dict | None:
         """hook.started's fields, or None for a report about no hook we run."""
-        if self.running is None or self.running.hook != msg.hook:
-            return None
-        self.running.pid = msg.pid
-        return {"hook": msg.hook, "tag": self.running.tag, "pid": msg.pid}
-
-    def finished(self, msg: p.HookFinished) -> tuple[str, dict] | None:
-        """(event type, fields) for the end of the hook we run; None for a stray report."""
         run = self.running
-        if run is None or run.hook != msg.hook or msg.error == "another hook is running":
+        if run is None or run.hook != msg.hook or run.pid is not None:
             return None
-        self.running = None
+        run.pid = msg.pid
+        return {"hook": msg.hook, "tag": run.tag, "pid": msg.pid}
+
+    def finished(self, msg: p.HookFinished) -> tuple[str, dict, bool] | None:
+        """(event type, fields, whether state.step waits on it) for the end of the oldest hook sent;
+        None for a stray report."""
+        run = self.running
+        if run is None or run.hook != msg.hook:
+            return None
+        self.sent.pop(0)
         fields = {"hook": msg.hook, "tag": run.tag, "duration_ms": msg.duration_ms}
         if msg.ok:
-            return "hook.completed", fields
-        return "hook.failed", {**fields, "exitcode": msg.exitcode, "error": msg.error}
+            return "hook.completed", fields, not self.sent
+        return "hook.failed", {**fields, "exitcode": msg.exitcode, "error": msg.error}, not self.sent
 
-    def worker_died(self, exitcode: int) -> p.HookFinished | None:
-        """The hooks worker is gone: its hook's group is killed, and the hook counts as failed."""
-        run = self.running
-        if run is None:
-            return None
-        if run.pid is not None:
+    def worker_died(self, exitcode: int) -> list[p.HookFinished]:
+        """The hooks worker is gone: each hook sent to it has failed, the running one's group is killed."""
+        for run in self.sent:
+            pid = run.pid if run.pid is not None else _orphaned(run)
+            if pid is None:
+                continue
             try:
-                os.killpg(run.pid, signal.SIGKILL)   # the hook is now our child (subreaper): reaped as an orphan
+                os.killpg(pid, signal.SIGKILL)       # the hook is now our child (subreaper): reaped as an orphan
             except (ProcessLookupError, PermissionError):
                 pass
-        log.warning("the hooks worker died (exit code %s) while %s ran: the hook failed", exitcode, run.hook)
-        return p.HookFinished(hook=run.hook, ok=False, duration_ms=round((time.time() - run.started_at) * 1000, 3),
-                              error=f"the hooks worker died (exit code {exitcode})")
+        why = f"the hooks worker died (exit code {exitcode})"
+        for run in self.sent:
+            log.warning("%s while %s was out: the hook failed", why, run.hook)
+        return [p.HookFinished(hook=run.hook, ok=False, error=why,
+                               duration_ms=round((time.time() - run.started_at) * 1000, 3)) for run in self.sent]
 
     def status(self) -> dict | None:
         run = self.running
         if run is None:
             return None
         return {"name": run.hook, "pid": run.pid, "running_s": round(time.time() - run.started_at, 1)}
+
+
+def _orphaned(run: Running) -> int | None:
+    """The pid of a hook whose HookStarted died with its worker (killed right after starting it). It is
+    our child now (we are a subreaper), a group leader, and its environment says which hook it is; the
+    newest such, since something an earlier run of that hook detached (setsid) can match too."""
+    import psutil
+    found = []
+    for child in psutil.Process().children():
+        try:
+            env = child.environ()
+            if env.get("VISOR_HOOK") == run.hook and env.get("VISOR_UPGRADE_TAG") == run.tag \
+                    and os.getpgid(child.pid) == child.pid:
+                found.append((child.create_time(), child.pid))
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return max(found)[1] if found else None

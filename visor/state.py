@@ -150,7 +150,7 @@ def in_flight(s: State) -> dict | None:
     The broker writes it down (durably) before carrying out the actions of the step that began it."""
     u = s.upgrade
     if u and u.step in IN_FLIGHT:
-        return {"tag": u.tag, "folder": u.folder, "height": u.height}
+        return {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source}
     return None
 
 
@@ -171,13 +171,15 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
     if not b.adopted:
         height = up["height"] if up else b.snapshot_height
         if up:                   # switched before the crash, the new node had not answered: its first start
-            s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], step=Step.STARTING))
+            s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], source=up.get("source", ""),
+                                           step=Step.STARTING))
         return _start(s, b.folder, height)
     # what the previous run left is adopted: nothing is started, nothing signalled
     s = replace(s, phase=Phase.RUNNING, running=MappingProxyType(dict(b.adopted)),
                 expected=b.expected or frozenset(b.adopted))
     if up:
-        s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], step=Step.ANSWERING))
+        s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], source=up.get("source", ""),
+                                       step=Step.ANSWERING))
     if missing := s.expected - s.running.keys():
         return _on_failure(s, f"{', '.join(sorted(missing))} not running when Visor started", cfg, now)
     return s, []

@@ -1,6 +1,12 @@
 """Runs the operator's upgrade hooks when the broker says so, one at a time, and reports how each
-ended: HookStarted once it runs, then exactly one HookFinished per RunHook. Decides nothing: whether
-a failed hook holds the upgrade, and when to retry it, is the broker's call.
+ended: HookStarted once it runs, then exactly one HookFinished per RunHook, in the order they came.
+Decides nothing: whether a failed hook holds the upgrade, and when to retry it, is the broker's call.
+
+A RunHook that comes while a hook runs supersedes it: the broker asks for a hook only when the upgrade
+waits on it, so the running one belongs to an upgrade that was given up (its node crashed and was
+restarted). That one is ended as at a timeout (SIGTERM to its group, SIGKILL KILL_AFTER_S later) and
+reported, then the new one starts. Never refused: a refusal would leave the new upgrade waiting on a
+hook that nobody runs.
 
 A hook runs in the folder and with the environment RunHook gives (added to Visor's own), with Visor's
 stdout/stderr and no stdin. It leads a process group of its own (pgid == its pid, the pid HookStarted
@@ -22,6 +28,7 @@ import select
 import signal
 import subprocess
 import time
+from collections import deque
 
 from visor import protocol
 from visor.worker import BrokerGone, BrokerLink, Readable, parse_worker_args
@@ -42,7 +49,7 @@ class Running:
         self.pidfd = os.pidfd_open(popen.pid)      # readable once the hook itself has exited
         self.timeout_s = cmd.timeout_s
         self.term_at, self.kill_at = started + cmd.timeout_s, float("inf")
-        self.timed_out = False
+        self.why = ""                              # why we ended it, once we have begun to
 
     def deadline(self) -> float:
         return min(self.term_at, self.kill_at)
@@ -54,8 +61,14 @@ class Running:
         elif now >= self.term_at:
             log.warning("hook %s (pid %d) still runs after %g s: stopping its process group",
                         self.hook, self.pid, self.timeout_s)
-            self.signal(signal.SIGTERM)
-            self.term_at, self.kill_at, self.timed_out = float("inf"), now + KILL_AFTER_S, True
+            self.end(now, f"timed out after {self.timeout_s:g} s")
+
+    def end(self, now: float, why: str) -> None:
+        """SIGTERM to the group now, SIGKILL KILL_AFTER_S later (unless already on its way out)."""
+        if self.why:
+            return
+        self.signal(signal.SIGTERM)
+        self.term_at, self.kill_at, self.why = float("inf"), now + KILL_AFTER_S, why
 
     def signal(self, sig: int) -> None:
         try:
@@ -73,8 +86,7 @@ class Running:
         code = self.popen.wait()
         os.close(self.pidfd)
         duration_ms = (time.monotonic() - self.started) * 1000
-        if not error and self.timed_out:
-            error = f"timed out after {self.timeout_s:g} s"
+        error = error or self.why
         if error:
             return protocol.HookFinished(hook=self.hook, ok=False, duration_ms=duration_ms, error=error)
         return protocol.HookFinished(hook=self.hook, ok=code == 0, duration_ms=duration_ms, exitcode=code,
@@ -114,9 +126,24 @@ def start(cmd: protocol.RunHook) -> tuple[Running | None, protocol.Message]:
     return Running(cmd, popen, started), protocol.HookStarted(hook=cmd.hook, pid=popen.pid)
 
 
+def start_next(link: BrokerLink, waiting: deque[protocol.RunHook]) -> Running | None:
+    """Starts the latest hook asked for; older ones still waiting are reported superseded, unstarted."""
+    while waiting:
+        cmd = waiting.popleft()
+        if waiting:
+            link.send(protocol.HookFinished(hook=cmd.hook, ok=False, duration_ms=0.0,
+                                            error="superseded by a later hook before it started"))
+            continue
+        running, report = start(cmd)
+        link.send(report)
+        return running
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_worker_args("hooks", argv)
     running: Running | None = None
+    waiting: deque[protocol.RunHook] = deque()     # asked for while a hook still runs
     with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first) as link:
         try:
             while True:
@@ -126,15 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                         if running is not None:
                             link.send(running.stop_now("stopped: Visor is shutting down"))
                         return 0
-                    case protocol.RunHook(hook=name) if running is not None:
-                        link.send(protocol.HookFinished(hook=name, ok=False, duration_ms=0.0,
-                                                        error="another hook is running"))
                     case protocol.RunHook() as cmd:
-                        running, report = start(cmd)
-                        link.send(report)
+                        waiting.append(cmd)
+                        if running is None:
+                            running = start_next(link, waiting)
+                        else:
+                            log.warning("hook %s (pid %d) is superseded by %s: stopping it", running.hook,
+                                        running.pid, cmd.hook)
+                            running.end(time.monotonic(), f"stopped: superseded by {cmd.hook}")
                     case Readable():               # the hook has exited
                         link.send(running.finish())
-                        running = None
+                        running = start_next(link, waiting)
                     case None if running is not None:
                         running.on_deadline(time.monotonic())
         except BrokerGone:

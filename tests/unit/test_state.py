@@ -6,8 +6,9 @@ import pytest
 
 from visor import protocol as p
 from visor.config import VisorConfig
-from visor.state import (Boot, Emit, Exit, Launching, Phase, Prefetch, Prepare, QuerySegment, Schedule,
-                         StartBinaries, State, Step, StopBinaries, StopRequested, SwitchCurrent, Timer, step)
+from visor.state import (Boot, Emit, Exit, Launching, Phase, Prefetch, Prepare, QuerySegment, RunHook, Schedule,
+                         StartBinaries, State, Step, StopBinaries, StopRequested, SwitchCurrent, Timer, in_flight,
+                         step)
 
 CFG = VisorConfig(max_restarts=2, restarts_delay_s=5, max_first_retries=3, max_restart_retries=1,
                   auto_install=True)
@@ -287,3 +288,16 @@ def test_adopted_binaries_are_running_and_a_lost_one_is_a_failure():
     assert s.phase is Phase.RUNNING and actions == [] and s.restarts == 2 and not s.first_budget
     s, actions = run([Boot("genesis", adopted={"vega": 10}, expected=frozenset({"vega", "data_node"}))])
     assert s.phase is Phase.RESTARTING and "data_node not running when Visor started" in s.reason
+
+
+def test_after_start_after_a_broker_restart_knows_the_folder_upgraded_from():
+    # regression (issue 13, found by tests/process/test_hooks.py's review): a broker killed after the switch
+    # resumed the upgrade with no source folder, so afterStart's VISOR_FROM_FOLDER was the home itself
+    cfg = replace(CFG, upgrade_hooks={"afterStart": {"path": "h", "args": [], "timeout_s": 5, "required": True}})
+    s, _ = run([p.UpgradeStatus("v2", 50, True), p.FolderReady("v2", "/h/v2"), exited(code=0)], up(), cfg)
+    pending = in_flight(s)                                   # switched; the new node not yet up
+    for facts in ([Boot("v2", upgrade=pending), Launching(frozenset({"vega"})), started(pid=12)],
+                  [Boot("v2", adopted={"vega": 12}, expected=frozenset({"vega"}), upgrade=pending)]):
+        s, _ = run(facts, cfg=cfg)
+        s, actions = step(s, p.UpgradeStatus("v2", 50, False), cfg, 1)
+        assert RunHook("afterStart", "v2", 50, "genesis", "v2") in actions

@@ -138,16 +138,21 @@ def test_a_hook_that_cannot_start_fails_without_starting(broker, folder, make, w
     assert not [m for m in broker.received if isinstance(m, protocol.HookStarted)]
 
 
-def test_a_second_hook_while_one_runs_is_refused(broker, folder):
-    run(broker, script(folder, "long", "sleep 300\n"), hook="afterStop")
-    started = broker.wait_for(protocol.HookStarted)
-    run(broker, script(folder, "other", "exit 0\n"), hook="afterStart")
-    refused = broker.wait_for(protocol.HookFinished)
-    assert (refused.hook, refused.ok, refused.error) == ("afterStart", False, "another hook is running")
-    broker.send(protocol.Shutdown())
-    assert broker.wait_for(protocol.HookFinished).hook == "afterStop"
-    assert broker.proc.wait(5) == 0
-    assert_group_ends(started.pid)
+def test_a_second_hook_supersedes_the_running_one_which_is_ended_and_reported_first(broker, folder):
+    # the broker asks for another hook only when it gave up the upgrade the running one belongs to
+    run(broker, script(folder, "stubborn", "trap '' TERM\nsleep 300 &\nsleep 300\n"), hook="afterStart")
+    first = broker.wait_for(protocol.HookStarted)
+    run(broker, script(folder, "never", "exit 0\n"), hook="afterStop")
+    run(broker, script(folder, "ok", "exit 0\n"), hook="beforeStop")
+    ended = broker.wait_for(protocol.HookFinished, timeout_s=KILL_AFTER_S + 5)
+    assert (ended.hook, ended.ok, ended.error) == ("afterStart", False, "stopped: superseded by afterStop")
+    assert ended.duration_ms >= KILL_AFTER_S * 1000                     # SIGTERM ignored: SIGKILL, later
+    assert_group_ends(first.pid)
+    skipped = broker.wait_for(protocol.HookFinished)
+    assert (skipped.hook, skipped.ok, skipped.error) == ("afterStop", False, "superseded by a later hook before it started")
+    assert broker.wait_for(protocol.HookStarted).hook == "beforeStop"
+    last = broker.wait_for(protocol.HookFinished)
+    assert (last.hook, last.ok) == ("beforeStop", True)
 
 
 def test_shutdown_mid_hook_ends_the_hook_and_everything_it_started(broker, folder):

@@ -432,6 +432,7 @@ REPORTS = {          # what each kind of worker may tell the broker, besides Hel
     "fetcher": (p.FolderReady, p.FolderBlocked, p.FetchStarted, p.FetchProgress, p.FetchCompleted, p.FetchFailed),
     "config-watcher": (p.ConfigLoaded, p.ConfigRejected),
     "metrics": (),
+    "hooks": (p.HookStarted, p.HookFinished),
 }
 
 

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
+from tests.helpers import wait_until
 from visor import protocol as p
 from visor.config import VisorConfig
 from visor.facts import RunHook
@@ -57,6 +60,7 @@ def test_a_dead_worker_fails_every_hook_sent_and_kills_one_it_never_reported_sta
     env = {**os.environ, "VISOR_HOOK": "afterStop", "VISOR_UPGRADE_TAG": "v0.73.0"}
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
     try:
+        wait_until(lambda: psutil.Process(orphan.pid).environ().get("VISOR_HOOK"), what="the hook's exec")
         ends = hooks.worker_died(-9)
         assert orphan.wait(5) == -9
     finally:

@@ -315,8 +315,15 @@ def serve_admin(opts, log):
     except FileNotFoundError:
         pass
     _sockets.append(opts.admin_socket)  # before bind: a stop right after it still removes the file
-    server = socketserver.ThreadingUnixStreamServer(opts.admin_socket, AdminHandler)
-    server.daemon_threads = True
+    class AdminServer(socketserver.ThreadingUnixStreamServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            # a client gone mid-request (a killed upgrade watcher) is the real node's log line, not a
+            # traceback on the stderr it shares with Visor
+            log("client_error", error=repr(sys.exc_info()[1]))
+
+    server = AdminServer(opts.admin_socket, AdminHandler)
     log("serving", socket=opts.admin_socket, path=opts.admin_path)
     server.serve_forever()
 

@@ -61,14 +61,16 @@ class Proc:
         if self.pidfd < 0:
             return                                   # closed: it has ended and been dealt with
         try:
+            signal.pidfd_send_signal(self.pidfd, 0)  # still ours? (the pidfd pins it until it is reaped)
+            if self.group:   # while its leader is not reaped, the group id cannot name anything else
+                try:         # once, through the group: a second SIGTERM is "quit now" to many nodes
+                    os.killpg(self.pid, sig)
+                    return
+                except (ProcessLookupError, PermissionError):
+                    pass     # its group is gone: the leader alone
             signal.pidfd_send_signal(self.pidfd, sig)
         except ProcessLookupError:
             return                                   # it has exited and been reaped
-        if self.group:       # while its leader is not reaped, the group id cannot name anything else
-            try:
-                os.killpg(self.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def ended(self) -> bool:
         return bool(select.select([self.pidfd], [], [], 0)[0])

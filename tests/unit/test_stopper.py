@@ -54,3 +54,16 @@ def test_adopt_binary_refuses_a_pid_that_started_at_another_time(child):
                                                       create_time=stopper.create_time(child.pid)))
     assert held is not None and held.pid == child.pid and report is None
     held.proc.close()
+
+
+def test_a_group_leader_gets_one_sigterm_not_two(child, monkeypatch):
+    # regression: the signal went to the leader by pidfd and again to its group; a second SIGTERM is
+    # "quit now, skip the clean shutdown" to many nodes (seen as two `stopped` lines of the fake node)
+    sent = []
+    monkeypatch.setattr(stopper.signal, "pidfd_send_signal", lambda fd, sig: sig and sent.append(("pidfd", sig)))
+    monkeypatch.setattr(stopper.os, "killpg", lambda pgid, sig: sent.append(("group", sig)))
+    pinned = stopper.pin(child.pid, stopper.create_time(child.pid))
+    pinned.group = True
+    pinned.signal(signal.SIGTERM)
+    assert sent == [("group", signal.SIGTERM)]
+    pinned.close()

@@ -41,6 +41,7 @@ class Broker(Custody):
         self.home = home
         home.ensure_ready()
         self.cfg, warnings = load_visor_config(home.config)
+        self._cli_log_level = log_level
         self.log_level = log_level or self.cfg.log_level       # the command line wins over the file
         setup_logging(self.cfg.log_format, self.log_level)
         self._file_cfg = self.cfg        # config.toml as last loaded; self.cfg keeps keys bound at start
@@ -365,8 +366,9 @@ class Broker(Custody):
         self.cfg = dataclasses.replace(new, events_endpoint=self.cfg.events_endpoint,   # bound at start
                            metrics_listen=self.cfg.metrics_listen)
         if "logLevel" in changed or "logFormat" in changed:
-            setup_logging(new.log_format, new.log_level)
-            self.pool.log_level = new.log_level      # workers started from now on
+            self.log_level = self._cli_log_level or new.log_level    # the command line still wins
+            setup_logging(new.log_format, self.log_level)
+            self.pool.log_level = self.log_level     # workers started from now on
         self.sockets.events.history.max_bytes = new.events_history_max_bytes
         pending = [key for key in new.changed_keys(self.cfg) if key in RESTART_ONLY]
         if "upgradeStatusIntervalMilliseconds" in changed:

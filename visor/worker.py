@@ -22,6 +22,7 @@ import time
 import zmq
 
 from visor import protocol
+from visor.config import LOG_LEVELS
 
 HEARTBEAT_S = 5.0                # a worker silent this long says it is alive (hung: 60 s, see pool.py)
 HELLO_EVERY_S = 0.5              # a runner without a broker says hello this often, for the next one
@@ -41,7 +42,7 @@ def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-pid", type=int, default=0, help="leave when this process exits")
     parser.add_argument("--identity", default="", help="socket identity (the name and a per-spawn secret)")
     parser.add_argument("--first", default="", help="a command held from birth (hex of its frame)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     opts = parser.parse_args(argv)
     # a forked worker keeps the broker's handler (text or JSON); run alone, it gets a plain one
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")

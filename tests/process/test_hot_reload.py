@@ -129,3 +129,15 @@ def test_check_works_while_the_daemon_runs(home, daemon):
     done = run_cli("check", "--home", home.root)           # reads only: no lock, no socket
     assert done.returncode == 0, done.stdout + done.stderr
     assert daemon.status()["visor"]["state"] == "running"
+
+
+def test_a_log_level_given_on_the_command_line_wins_over_an_edit_of_log_level(home, daemon, events):
+    # regression: a reload of logLevel replaced `visor run --log-level`, which the docs say wins
+    daemon.start("--log-level", "WARNING")
+    node = daemon.wait_running()["binaries"]["vega"]["pid"]
+    home.set_config(logLevel="DEBUG", stopDelaySeconds=1)
+    events.wait_for("config.reloaded")
+    os.kill(node, signal.SIGKILL)                       # logged at INFO and DEBUG by a DEBUG broker
+    events.wait_for("binary.started", timeout_s=10)
+    assert daemon.stop() == 0
+    assert " DEBUG " not in daemon.stderr and " INFO " not in daemon.stderr

@@ -150,7 +150,8 @@ def in_flight(s: State) -> dict | None:
     The broker writes it down (durably) before carrying out the actions of the step that began it."""
     u = s.upgrade
     if u and u.step in IN_FLIGHT:
-        return {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source}
+        return {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source,
+                "downtime_ms": u.downtime_ms}
     return None
 
 
@@ -177,9 +178,11 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
     # what the previous run left is adopted: nothing is started, nothing signalled
     s = replace(s, phase=Phase.RUNNING, running=MappingProxyType(dict(b.adopted)),
                 expected=b.expected or frozenset(b.adopted))
-    if up:
+    if up:                       # the new binaries run (upgrade.completed was said): the node's answer is due
         s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], source=up.get("source", ""),
-                                       step=Step.ANSWERING))
+                                       step=Step.ANSWERING),
+                    last_upgrade=MappingProxyType({"tag": up["tag"], "height": up["height"], "folder": up["folder"],
+                                                   "downtime_ms": up.get("downtime_ms")}))
     if missing := s.expected - s.running.keys():
         return _on_failure(s, f"{', '.join(sorted(missing))} not running when Visor started", cfg, now)
     return s, []

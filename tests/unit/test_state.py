@@ -301,3 +301,13 @@ def test_after_start_after_a_broker_restart_knows_the_folder_upgraded_from():
         s, _ = run(facts, cfg=cfg)
         s, actions = step(s, p.UpgradeStatus("v2", 50, False), cfg, 1)
         assert RunHook("afterStart", "v2", 50, "genesis", "v2") in actions
+
+
+def test_an_upgrade_resumed_with_its_new_node_running_is_not_accepted_again_and_keeps_its_downtime():
+    s, _ = run([p.UpgradeStatus("v2", 50, True), p.FolderReady("v2", "/h/v2"), exited(code=0),
+                Launching(frozenset({"vega"})), started(pid=12)], up(), now=100.0)
+    pending = in_flight(s)                                   # the new node runs, and has not answered
+    s, _ = run([Boot("v2", adopted={"vega": 12}, expected=frozenset({"vega"}), upgrade=pending)])
+    assert s.last_upgrade["tag"] == "v2" and s.last_upgrade["downtime_ms"] == pending["downtime_ms"]
+    s, actions = step(s, p.UpgradeStatus("v2", 50, True), CFG, 1)    # the new node still names it
+    assert not emitted(actions, "upgrade.accepted") and s.upgrade is None and s.phase is Phase.RUNNING

@@ -17,6 +17,7 @@ import time
 from visor import adoption, protocol as p, state as st
 from visor.binaries import find_orphan
 from visor.home import write_state_file
+from visor.hookrun import end_leftovers as end_leftover_hooks
 from visor.state import Phase
 
 log = logging.getLogger("visor")
@@ -30,8 +31,10 @@ class Custody:
         folder = self.home.current_folder().name
         self._pending_upgrade = record.get("pending") or None    # an upgrade in flight goes on (state.Boot)
         expected = {name: (str(b.path), list(b.args)) for name, b in self.run_config.binaries().items()}
-        found = adoption.adopt(record, self.sockets, self.pool, self.cfg.stop_timeout_s, expected) \
-            if adoption.unclean(record) else adoption.Found()
+        found = adoption.Found()
+        if adoption.unclean(record):             # a run that did not stop cleanly: what did it leave?
+            end_leftover_hooks(self.home.root)   # never the same hook twice (its old worker may still be ending it)
+            found = adoption.adopt(record, self.sockets, self.pool, self.cfg.stop_timeout_s, expected)
         self.binaries.update({**found.binaries, **found.orphans})
         self.record_state(durable=True)         # what runs now, before anything is started
         self._booted = True

@@ -115,3 +115,21 @@ def _orphaned(run: Running) -> int | None:
         except (psutil.Error, ProcessLookupError):
             continue
     return max(found)[1] if found else None
+
+
+def end_leftovers(home: Path) -> list[int]:
+    """Hooks a killed broker's hooks worker may still be ending (it gives a hook a few seconds after
+    SIGTERM): their groups are killed at start, before this run can start the same hook again."""
+    import psutil
+    ended = []
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            if env.get("VISOR_HOOK") and env.get("VISOR_HOME") == str(home) and os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+                ended.append(proc.pid)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    if ended:
+        log.warning("ended %d hook(s) of the previous run still running: %s", len(ended), ended)
+    return ended

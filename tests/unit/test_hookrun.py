@@ -12,7 +12,7 @@ from tests.helpers import wait_until
 from visor import protocol as p
 from visor.config import VisorConfig
 from visor.facts import RunHook
-from visor.hookrun import Hooks
+from visor.hookrun import Hooks, end_leftovers
 
 CFG = VisorConfig(upgrade_hooks={name: {"path": "hooks/h", "args": ["-v"], "timeout_s": 9, "required": True}
                                  for name in ("beforeStop", "afterStop", "afterStart")})
@@ -67,3 +67,19 @@ def test_a_dead_worker_fails_every_hook_sent_and_kills_one_it_never_reported_sta
         orphan.kill()
         orphan.wait()
     assert [(e.hook, e.ok, e.error) for e in ends] == [("afterStop", False, "the hooks worker died (exit code -9)")]
+
+
+def test_hooks_a_previous_run_left_are_ended_at_start_and_only_this_homes(tmp_path):
+    mine = {**os.environ, "VISOR_HOOK": "beforeStop", "VISOR_HOME": str(tmp_path)}
+    other = {**mine, "VISOR_HOME": "/srv/another"}
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+             for env in (mine, other)]
+    try:
+        for proc in procs:
+            wait_until(lambda: psutil.Process(proc.pid).environ().get("VISOR_HOOK"), what="the hook's exec")
+        assert end_leftovers(tmp_path) == [procs[0].pid]
+        assert procs[0].wait(5) == -9 and procs[1].poll() is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

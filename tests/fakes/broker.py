@@ -1,9 +1,10 @@
 """A stand-in for the broker: a ROUTER socket where the broker's would be, and one real worker process.
 
 Owns the worker's process (started with `python -c`, the test process as its broker: the worker leaves
-when this process does) and every message it sent, with the time it arrived. Decides nothing, answers
-nothing unless the test sends a command. `heartbeat_s` shortens visor.worker.HEARTBEAT_S in the worker
-only, so a test sees heartbeats without waiting 5 s for each.
+when this process does), its stdout and stderr (files in the folder) and every message it sent, with the
+time it arrived. Decides nothing, answers nothing unless the test sends a command. `heartbeat_s` shortens
+visor.worker.HEARTBEAT_S in the worker only, so a test sees heartbeats without waiting 5 s for each;
+`broker_pid` names another process (a `sleep`, say) whose death the worker must take as the broker's.
 """
 
 from __future__ import annotations
@@ -27,29 +28,38 @@ if sys.argv[2]:
     visor.worker.HEARTBEAT_S = float(sys.argv[2])
 {prelude}
 from {module} import main
-sys.exit(main(sys.argv[3:]))
+try:
+    sys.exit(main(sys.argv[3:]))
+except visor.worker.BrokerGone:     # as pool.py's forked workers do: leaving is a clean exit
+    sys.exit(0)
 """
 
 
 class FakeBroker:
     def __init__(self, folder: Path, module: str, name: str, *args: str, heartbeat_s: float | None = None,
-                 prelude: str = "", first=None):
-        self.name, self.identity = name, f"{name}#test".encode()
+                 prelude: str = "", first=None, broker_pid: int = 0):
+        self.folder, self.name, self.identity = folder, name, f"{name}#test".encode()
         self.endpoint = f"ipc://{folder}/broker.sock"
         self.received: list[tuple[float, object]] = []      # (monotonic time, message), Hellos included
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.endpoint)
+        self.stdout_path = folder / f"{name.replace(':', '-')}.stdout"
         self.stderr_path = folder / f"{name.replace(':', '-')}.stderr"
         argv = ["--endpoint", self.endpoint, "--name", name, "--identity", self.identity.decode(),
-                "--broker-pid", str(os.getpid()), *args]
+                "--broker-pid", str(broker_pid or os.getpid()), *args]
         if first is not None:
             argv += ["--first", protocol.encode(first).hex()]
-        with open(self.stderr_path, "wb") as stderr:
+        with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _RUN.format(module=module, prelude=prelude), "worker",
-                 "" if heartbeat_s is None else str(heartbeat_s), *argv], cwd=REPO, stderr=stderr)
+                 "" if heartbeat_s is None else str(heartbeat_s), *argv],
+                cwd=REPO, stdout=stdout, stderr=stderr)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
 
     @property
     def stderr(self) -> str:

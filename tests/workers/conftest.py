@@ -16,7 +16,8 @@ def fake_broker(home):
     def start(module: str, name: str, *args: str, **kwargs) -> FakeBroker:
         broker = FakeBroker(home.root, module, name, *args, **kwargs)
         started.append(broker)
-        broker.wait_for(protocol.Hello)
+        [(_, hello)] = broker.wait_for(protocol.Hello)
+        assert hello.name == name
         return broker
     yield start
     for broker in started:

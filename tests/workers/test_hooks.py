@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.fakes.hook_broker import FakeBroker
+from tests.fakes.broker import FakeBroker
 from tests.helpers import wait_until
 from visor import protocol
 from workers.hooks import KILL_AFTER_S
@@ -23,17 +22,14 @@ ENV = {"VISOR_HOOK": "afterStop", "VISOR_HOME": "/srv/visor", "VISOR_UPGRADE_TAG
 
 
 @pytest.fixture
-def folder():
-    path = Path(tempfile.mkdtemp(prefix="vh", dir="/tmp"))
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
+def folder(home) -> Path:
+    """Where the hooks live and run: the test's home, so a hook left running fails the test."""
+    return home.root
 
 
 @pytest.fixture
-def broker(folder):
-    b = FakeBroker(folder, "workers.hooks", "hooks")
-    yield b
-    b.close()
+def broker(fake_broker) -> FakeBroker:
+    return fake_broker("workers.hooks", "hooks")
 
 
 def script(folder: Path, name: str, body: str) -> str:
@@ -46,6 +42,11 @@ def script(folder: Path, name: str, body: str) -> str:
 def run(broker: FakeBroker, path: str, *args: str, timeout_s: float = 30, hook: str = "afterStop") -> None:
     broker.send(protocol.RunHook(hook=hook, path=path, args=list(args), timeout_s=timeout_s,
                                  env={**ENV, "VISOR_HOOK": hook}, cwd=str(broker.folder)))
+
+
+def next_of(broker: FakeBroker, kind: type, timeout_s: float = 5.0):
+    """The next message of this kind (earlier ones of other kinds are kept in `received`)."""
+    return broker.next_report(timeout_s, kinds=(kind,))
 
 
 def alive_in_group(pgid: int) -> list[int]:
@@ -72,35 +73,35 @@ def test_a_hook_gets_its_environment_folder_and_args_and_its_output_reaches_stdo
     hook = script(folder, "ok", 'echo "out: $VISOR_HOOK $VISOR_UPGRADE_TAG $VISOR_UPGRADE_HEIGHT $(pwd) $1 $2"\n'
                                 'echo "err: $VISOR_FROM_FOLDER -> $VISOR_TO_FOLDER $VISOR_HOME PATH=${PATH:+set}" >&2\n')
     run(broker, hook, "--flag", "two words", hook="beforeStop")
-    started = broker.wait_for(protocol.HookStarted)
-    finished = broker.wait_for(protocol.HookFinished)
+    started = next_of(broker, protocol.HookStarted)
+    finished = next_of(broker, protocol.HookFinished)
     assert started.hook == finished.hook == "beforeStop" and started.pid > 0
     assert (finished.ok, finished.exitcode, finished.error) == (True, 0, "")
     assert 0 < finished.duration_ms < 5000
-    assert f"out: beforeStop v0.73.0 120 {folder} --flag two words" in broker.output()
-    assert "err: /srv/visor/genesis -> /srv/visor/v0.73.0 /srv/visor PATH=set" in broker.stderr.read_text()
+    assert f"out: beforeStop v0.73.0 120 {folder} --flag two words" in broker.stdout
+    assert "err: /srv/visor/genesis -> /srv/visor/v0.73.0 /srv/visor PATH=set" in broker.stderr
     assert_group_ends(started.pid)
 
 
 def test_a_failing_hook_reports_its_exit_code(broker, folder):
     run(broker, script(folder, "fail", "exit 3\n"))
-    started = broker.wait_for(protocol.HookStarted)
-    finished = broker.wait_for(protocol.HookFinished)
+    started = next_of(broker, protocol.HookStarted)
+    finished = next_of(broker, protocol.HookFinished)
     assert (finished.ok, finished.exitcode, finished.error) == (False, 3, "exited with code 3")
     assert_group_ends(started.pid)
 
 
 def test_a_hook_killed_by_a_signal_reports_it(broker, folder):
     run(broker, script(folder, "killed", "kill -KILL $$\n"))
-    finished = broker.wait_for(protocol.HookFinished)
+    finished = next_of(broker, protocol.HookFinished)
     assert (finished.ok, finished.exitcode) == (False, -9)
     assert finished.error == "exited with code -9 (killed by SIGKILL)"
 
 
 def test_what_a_hook_leaves_in_the_background_is_killed_when_it_exits(broker, folder):
     run(broker, script(folder, "bg", "sleep 300 &\necho $! > bg.pid\nexit 0\n"))
-    started = broker.wait_for(protocol.HookStarted)
-    assert broker.wait_for(protocol.HookFinished).ok
+    started = next_of(broker, protocol.HookStarted)
+    assert next_of(broker, protocol.HookFinished).ok
     assert_group_ends(started.pid)
 
 
@@ -108,8 +109,8 @@ def test_what_a_hook_leaves_in_the_background_is_killed_when_it_exits(broker, fo
 def test_a_hung_hook_is_killed_whole_at_its_timeout(broker, folder):
     # it ignores SIGTERM, and so does the child it left in the background: only SIGKILL ends them
     run(broker, script(folder, "hung", "trap '' TERM\nsleep 300 &\nsleep 300\n"), timeout_s=0.5)
-    started = broker.wait_for(protocol.HookStarted)
-    finished = broker.wait_for(protocol.HookFinished, timeout_s=0.5 + KILL_AFTER_S + 5)
+    started = next_of(broker, protocol.HookStarted)
+    finished = next_of(broker, protocol.HookFinished, timeout_s=0.5 + KILL_AFTER_S + 5)
     assert (finished.ok, finished.exitcode, finished.error) == (False, None, "timed out after 0.5 s")
     assert 0.5 + KILL_AFTER_S <= finished.duration_ms / 1000 < 0.5 + KILL_AFTER_S + 3
     assert_group_ends(started.pid)
@@ -119,8 +120,8 @@ def test_a_hung_hook_is_killed_whole_at_its_timeout(broker, folder):
 
 def test_a_hung_hook_that_obeys_sigterm_ends_at_once(broker, folder):
     run(broker, script(folder, "slow", "sleep 300 &\nsleep 300\n"), timeout_s=0.3)
-    started = broker.wait_for(protocol.HookStarted)
-    finished = broker.wait_for(protocol.HookFinished)
+    started = next_of(broker, protocol.HookStarted)
+    finished = next_of(broker, protocol.HookFinished)
     assert finished.error == "timed out after 0.3 s" and finished.duration_ms < 3000
     assert_group_ends(started.pid)
 
@@ -132,46 +133,46 @@ def test_a_hung_hook_that_obeys_sigterm_ends_at_once(broker, folder):
 def test_a_hook_that_cannot_start_fails_without_starting(broker, folder, make, why):
     path = make(folder)
     run(broker, path)
-    finished = broker.wait_for(protocol.HookFinished)
+    finished = next_of(broker, protocol.HookFinished)
     assert (finished.ok, finished.exitcode) == (False, None)
     assert finished.error == f"cannot start {path}: {why}"
-    assert not [m for m in broker.received if isinstance(m, protocol.HookStarted)]
+    assert not broker.of(protocol.HookStarted)
 
 
 def test_a_second_hook_supersedes_the_running_one_which_is_ended_and_reported_first(broker, folder):
     # the broker asks for another hook only when it gave up the upgrade the running one belongs to
     run(broker, script(folder, "stubborn", "trap '' TERM\nsleep 300 &\nsleep 300\n"), hook="afterStart")
-    first = broker.wait_for(protocol.HookStarted)
+    first = next_of(broker, protocol.HookStarted)
     run(broker, script(folder, "never", "exit 0\n"), hook="afterStop")
     run(broker, script(folder, "ok", "exit 0\n"), hook="beforeStop")
-    ended = broker.wait_for(protocol.HookFinished, timeout_s=KILL_AFTER_S + 5)
+    ended = next_of(broker, protocol.HookFinished, timeout_s=KILL_AFTER_S + 5)
     assert (ended.hook, ended.ok, ended.error) == ("afterStart", False, "stopped: superseded by afterStop")
     assert ended.duration_ms >= KILL_AFTER_S * 1000                     # SIGTERM ignored: SIGKILL, later
     assert_group_ends(first.pid)
-    skipped = broker.wait_for(protocol.HookFinished)
+    skipped = next_of(broker, protocol.HookFinished)
     assert (skipped.hook, skipped.ok, skipped.error) == ("afterStop", False, "superseded by a later hook before it started")
-    assert broker.wait_for(protocol.HookStarted).hook == "beforeStop"
-    last = broker.wait_for(protocol.HookFinished)
+    assert next_of(broker, protocol.HookStarted).hook == "beforeStop"
+    last = next_of(broker, protocol.HookFinished)
     assert (last.hook, last.ok) == ("beforeStop", True)
 
 
 def test_shutdown_mid_hook_ends_the_hook_and_everything_it_started(broker, folder):
     run(broker, script(folder, "stubborn", "trap '' TERM\nsleep 300 &\nsleep 300\n"))
-    started = broker.wait_for(protocol.HookStarted)
+    started = next_of(broker, protocol.HookStarted)
     began = time.monotonic()
     broker.send(protocol.Shutdown())
-    finished = broker.wait_for(protocol.HookFinished)
+    finished = next_of(broker, protocol.HookFinished)
     assert (finished.ok, finished.exitcode) == (False, None) and "shutting down" in finished.error
     assert broker.proc.wait(5) == 0 and time.monotonic() - began < 5
     assert_group_ends(started.pid)
 
 
-def test_when_the_broker_dies_mid_hook_the_worker_ends_the_hook_and_leaves(folder):
+def test_when_the_broker_dies_mid_hook_the_worker_ends_the_hook_and_leaves(fake_broker, folder):
     stand_in = subprocess.Popen(["sleep", "300"])       # the worker's "broker": its death is the signal
-    broker = FakeBroker(folder, "workers.hooks", "hooks", broker_pid=stand_in.pid)
     try:
+        broker = fake_broker("workers.hooks", "hooks", broker_pid=stand_in.pid)
         run(broker, script(folder, "long", "sleep 300 &\nsleep 300\n"))
-        started = broker.wait_for(protocol.HookStarted)
+        started = next_of(broker, protocol.HookStarted)
         stand_in.kill()
         stand_in.wait(5)
         assert broker.proc.wait(5) == 0
@@ -179,4 +180,3 @@ def test_when_the_broker_dies_mid_hook_the_worker_ends_the_hook_and_leaves(folde
     finally:
         stand_in.kill()
         stand_in.wait(5)
-        broker.close()

@@ -67,6 +67,7 @@ class Worker:
     born_with: object = None     # the command it was forked with (it never waits for that one)
     retired: bool = False        # told to leave; not restarted
     create_time: float = 0.0     # with the pid, what names the process in state.json
+    adopted: bool = False        # left by a previous broker: not our child (its binary never can be either)
 
     @property
     def alive(self) -> bool:
@@ -111,7 +112,7 @@ class Pool:
         w.pid, w.exitcode = pid, None
         w.pidfd = os.pidfd_open(pid)             # may raise (EMFILE): the broker's loop decides what that means
         w.create_time = stopper.create_time(pid) or 0.0
-        w.connected, w.retired, w.restart_at = False, False, None
+        w.connected, w.retired, w.restart_at, w.adopted = False, False, None, False
         w.started_at = w.last_seen = time.monotonic()
         return w
 
@@ -122,7 +123,7 @@ class Pool:
             return None
         w = self.workers.setdefault(name, Worker(name))
         w.pid, w.pidfd, w.identity, w.create_time, w.exitcode = pid, proc.pidfd, identity, create_time, None
-        w.connected, w.retired, w.restart_at = True, False, None
+        w.connected, w.retired, w.restart_at, w.adopted = True, False, None, True
         w.started_at = w.last_seen = time.monotonic()
         return w
 
@@ -169,11 +170,12 @@ class Pool:
         if (w := self.workers.get(name)) is not None:
             w.retired, w.restart_at = True, None
 
-    def shutdown(self, timeout_s: float = 3.0) -> None:
-        """Waits for told-to-leave workers, then kills any that remain."""
+    def shutdown(self, timeout_s: float = 3.0, keep: frozenset[str] = frozenset()) -> None:
+        """Waits for told-to-leave workers, then kills any that remain; `keep`: detached runners, which
+        stay for the next broker."""
         for w in self.workers.values():
             w.retired, w.restart_at = True, None
-        alive = [w for w in self.workers.values() if w.alive]
+        alive = [w for w in self.workers.values() if w.alive and w.name not in keep]
         codes = stopper.end([stopper.Proc(w.pid, w.pidfd) for w in alive], timeout_s, first=None, what="worker")
         for w in alive:
             w.exitcode, w.pidfd = -1 if codes[w.pid] is None else codes[w.pid], -1

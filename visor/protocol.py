@@ -97,6 +97,11 @@ class HandOver:                  # broker -> runner (`visor restart`): leave wit
 
 
 @dataclass(frozen=True)
+class Detach:                    # broker -> a runner not its child (`visor restart`): keep the binary and
+    kind: ClassVar[str] = "detach"   # wait for the next broker, as after a crash
+
+
+@dataclass(frozen=True)
 class Holding:                   # runner -> broker, after each Hello: the binary it supervises
     kind: ClassVar[str] = "holding"
     name: str
@@ -315,7 +320,7 @@ class ErrorReply:                # broker -> CLI: the request was not understood
 Message = Any
 MESSAGES: dict[str, type] = {m.kind: m for m in (
     Hello, Welcome, Heartbeat, Shutdown, Watch, UpgradeStatus, RpcFailed,
-    StartBinary, AdoptBinary, HandOver, Holding, StopBinary, BinaryStarted, StartFailed, BinaryExited,
+    StartBinary, AdoptBinary, HandOver, Detach, Holding, StopBinary, BinaryStarted, StartFailed, BinaryExited,
     QuerySegment, Segment,
     Prepare, FolderReady, FolderBlocked, FetchStarted, FetchProgress, FetchCompleted, FetchFailed,
     ConfigLoaded, ConfigRejected, ServeMetrics, StatusRequest, StatusReply, RestartRequest, StopRequest,

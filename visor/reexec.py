@@ -2,7 +2,9 @@
 
 Each runner is told to hand its binary over (HandOver: it leaves without a signal to it), so every
 binary becomes the broker's own child (it is their child subreaper, and PR_SET_CHILD_SUBREAPER
-survives execve); the other workers are told to leave. A worker that does not leave in time (a runner
+survives execve); the other workers are told to leave. A runner that a previous broker left (adopted
+after a crash) is not our child, so neither would its binary be: it is told to Detach instead, keeps
+its binary and waits for the new process, which adopts it as after a crash. A worker that does not leave in time (a runner
 of older code that does not know HandOver) is killed: its binary is ours then too. The state file then
 records the binaries and no runner, and the process executes the same command line on the code now
 installed. The new process adopts its own children with new runners (adoption.py, Found.orphans).
@@ -35,16 +37,19 @@ def restart_in_place(broker, environ: dict[str, str]) -> None:
     """Never returns: hands the binaries over to this process, then execs `visor run` again."""
     pool = broker.pool
     log.info("restarting in place (pid %d): the node binaries keep running", os.getpid())
+    staying = frozenset(name for name, w in pool.workers.items() if w.alive and w.adopted)
     for name, w in pool.workers.items():
         if w.alive:
-            broker.sockets.send(w.identity, p.HandOver() if name.startswith("runner:") else p.Shutdown())
-    leaving = [stopper.Proc(w.pid, w.pidfd) for w in pool.workers.values() if w.alive]
+            broker.sockets.send(w.identity, p.Detach() if name in staying else
+                                p.HandOver() if name.startswith("runner:") else p.Shutdown())
+    leaving = [stopper.Proc(w.pid, w.pidfd) for w in pool.workers.values() if w.alive and w.name not in staying]
     deadline = time.monotonic() + LEAVE_TIMEOUT_S
     while stopper.wait_ended(leaving, 0.02) and time.monotonic() < deadline:
         broker.sockets.answer_control(lambda request: _answer(broker, request))
-    pool.shutdown(0)                            # reaps them; a runner killed here leaves its binary to us
+    pool.shutdown(0, keep=staying)              # reaps them; a runner killed here leaves its binary to us
     for b in broker.binaries.values():
-        b.runner_pid = 0
+        if f"runner:{b.name}" not in staying:
+            b.runner_pid = 0
     broker.record_state(durable=True)           # binaries, no runners: what the new process adopts
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     broker.sockets.answer_control(lambda request: _answer(broker, request))   # as late as can be

@@ -110,6 +110,12 @@ class BrokerLink:
         for msg in (protocol.Hello(name=self.name, pid=os.getpid()), *self._greeting()):
             self.send(msg)
 
+    def detach(self) -> None:
+        """The broker is going away and coming back (`visor restart` of a runner it cannot inherit from):
+        from now on, as after its death, hello again until the next broker welcomes us."""
+        if self.broker_up:
+            self._lose_broker()
+
     def _lose_broker(self) -> None:
         os.close(self._broker_fd)
         self._broker_fd = -1

@@ -118,6 +118,8 @@ class Runner:
                 if held is not None:             # no signal: the broker, its subreaper, inherits it
                     held.proc.close()
                 return 0
+            case protocol.Detach():
+                link.detach()                    # the binary stays ours: the next broker adopts us with it
             case protocol.Welcome() if held is not None and held.exitcode is not None:
                 link.send(protocol.BinaryExited(name=self.name, pid=held.pid, exitcode=held.exitcode))
                 self.held, self.leave_at = None, float("inf")

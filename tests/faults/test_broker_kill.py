@@ -263,6 +263,7 @@ def test_nothing_but_the_runner_and_its_node_outlive_the_broker(home, daemon, ce
     left = {p.pid for p in processes_of(home.root)}
     for pid in keep:
         os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not [pid for pid in keep if alive(pid)], what="the runner and its node to be gone")
     assert left == keep, f"running after the broker's kill: {left - keep} besides the runner and its node"
 
 

@@ -129,3 +129,25 @@ def test_restart_kills_a_runner_that_does_not_hand_over_and_adopts_its_node(home
     assert after["binaries"]["vega"]["pid"] == node and after["workers"]["runner:vega"]["pid"] != runner
     assert f"worker (pid {runner}) still up" in daemon.stderr
     assert lifecycle(home) == ["started"] and not alive(runner)
+
+
+def test_restart_after_a_crash_keeps_the_node_its_adopted_runner_still_holds(home, daemon, events):
+    # regression: after a kill -9 and an adopting `visor run`, the runner is not the daemon's child, so
+    # a binary it hands over goes to init, and the re-executed daemon stopped the node as unsupervised
+    daemon.start()
+    node = daemon.wait_running()["binaries"]["vega"]["pid"]
+    runner = daemon.wait_running()["workers"]["runner:vega"]["pid"]
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    daemon.start()
+    wait_until(lambda: (s := daemon.status())["visor"]["state"] == "running" and s["binaries"]["vega"]["pid"] == node,
+               what="the node adopted", timeout_s=10)
+    done = run_cli("restart", "--home", home.root)
+    assert done.returncode == 0, done.stderr
+    after = daemon.wait_running()
+    assert after["binaries"]["vega"]["pid"] == node and lifecycle(home) == ["started"]
+    assert after["workers"]["runner:vega"]["pid"] == runner      # kept: it alone can reap the node
+    os.kill(node, signal.SIGKILL)                                  # still supervised, exit code kept
+    assert events.wait_for("binary.exited", pid=node)["exitcode"] == -9
+    assert home.wait_started(2)
+    assert daemon.stop() == 0

@@ -44,7 +44,7 @@ class Custody:
             log.info("adopted from the previous run: %s", ", ".join(f"{n} pid {pid}" for n, pid in alive.items()))
         self.feed(st.Boot(folder, adopted=found.pids(), expected=frozenset(expected),
                           restarts=int(record.get("restarts") or 0) if found.pids() else 0,
-                          upgrade=self._pending_upgrade))
+                          upgrade=self._pending_upgrade, last_upgrade=record.get("last_upgrade") or None))
         for name in found.orphans:                   # our children: a new runner takes each on
             self._spawn(f"runner:{name}")
         for exit_ in found.exits:
@@ -79,7 +79,8 @@ class Custody:
         crash of the broker alone keeps the page cache, and a crash of the machine leaves nothing running."""
         self._state_file_dirty = False
         record = {"runners": self.pool.records(), "binaries": self.binaries.records(),
-                  "restarts": self.state.restarts, "pending": self._pending_upgrade}
+                  "restarts": self.state.restarts, "pending": self._pending_upgrade,
+                  "last_upgrade": dict(self.state.last_upgrade) if self.state.last_upgrade else None}
         try:
             write_state_file(self.home, record, durable=durable)
         except OSError as err:       # a full disk must not end Visor: the node matters more than the file

@@ -21,6 +21,7 @@ class Boot:
     adopted: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # name -> pid left running
     expected: frozenset[str] = frozenset()   # the binaries of the current run-config
     restarts: int = 0                    # the restart count, carried over
+    last_upgrade: Mapping[str, Any] | None = None    # the last completed upgrade, for status (and not re-accepting it)
     # in_flight() of the previous run: {"tag", "folder", "height", "source"} (no "source" in older state files)
     upgrade: Mapping[str, Any] | None = None
 

@@ -72,7 +72,7 @@ class Hooks:
         if run is None or run.hook != msg.hook:
             return None
         self.sent.pop(0)
-        fields = {"hook": msg.hook, "tag": run.tag, "duration_ms": msg.duration_ms}
+        fields = {"hook": msg.hook, "tag": run.tag, "duration_ms": round(msg.duration_ms, 3)}
         if msg.ok:
             return "hook.completed", fields, not self.sent
         return "hook.failed", {**fields, "exitcode": msg.exitcode, "error": msg.error}, not self.sent

@@ -161,7 +161,8 @@ def _winding_down(s: State) -> bool:
 
 
 def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
-    s = replace(s, folder=b.folder, restarts=b.restarts, first_budget=b.restarts == 0)
+    s = replace(s, folder=b.folder, restarts=b.restarts, first_budget=b.restarts == 0,
+                last_upgrade=MappingProxyType(dict(b.last_upgrade)) if b.last_upgrade else None)
     up = b.upgrade
     if up and up["folder"] != b.folder:
         # the previous run was stopping the old binaries for this upgrade: go on from there

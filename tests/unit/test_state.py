@@ -311,3 +311,11 @@ def test_an_upgrade_resumed_with_its_new_node_running_is_not_accepted_again_and_
     assert s.last_upgrade["tag"] == "v2" and s.last_upgrade["downtime_ms"] == pending["downtime_ms"]
     s, actions = step(s, p.UpgradeStatus("v2", 50, True), CFG, 1)    # the new node still names it
     assert not emitted(actions, "upgrade.accepted") and s.upgrade is None and s.phase is Phase.RUNNING
+
+
+def test_the_last_upgrade_survives_a_restart_of_visor_and_is_not_accepted_again():
+    last = {"tag": "v2", "height": 50, "folder": "v2", "downtime_ms": 4.2}
+    s, _ = run([Boot("v2", adopted={"vega": 12}, expected=frozenset({"vega"}), last_upgrade=last)])
+    assert dict(s.last_upgrade) == last
+    s, actions = step(s, p.UpgradeStatus("v2", 50, False), CFG, 1)
+    assert not emitted(actions) and s.accepted is None

@@ -2,8 +2,11 @@
 
 Sets up a fresh home in /tmp with the fake core node as genesis, serves release v0.73.0 from a local
 fake GitHub (with a checksums file), starts `visor run`, and plays the chain: the validators accept
-the release at block 100 for block 120, Visor prefetches it, the chain reaches 120, Visor upgrades.
-Every event is printed as it happens; the demo ends by itself with a summary and cleans up.
+the release at block 100 for block 120, Visor prefetches it, the chain reaches 120, Visor upgrades,
+running the operator's hooks: an announcement before the stop, a backup of the node's state while it
+is down (etc/hooks/backup). Every event is printed as it happens. Then Visor restarts itself in place
+(`visor restart`) while the node keeps running, and the recorded history tells the story again
+(`visor events --since`). The demo ends by itself with a summary and cleans up.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ def setup(root: Path, server: ReleaseServer) -> TestHome:
     home.set_config(upgradeStatusIntervalMilliseconds=200, restartsDelaySeconds=1, stopSignalTimeoutSeconds=5,
                     **{"autoInstall.enabled": True, "autoInstall.apiUrl": server.url,
                        "autoInstall.asset.checksumsName": "SHA256SUMS"})
+    hooks = root / "hooks"
+    hooks.mkdir()
+    (hooks / "announce").write_text('#!/bin/sh\necho "hook: upgrading to $VISOR_UPGRADE_TAG at block '
+                                    '$VISOR_UPGRADE_HEIGHT"\n')
+    (hooks / "announce").chmod(0o755)
+    (root / "node-state").mkdir()
+    (root / "node-state" / "snapshot.db").write_bytes(b"\0" * 4096)
+    home.set_config(**{"upgradeHooks.beforeStop.path": "hooks/announce",
+                       "upgradeHooks.afterStop.path": str(REPO / "etc" / "hooks" / "backup"),
+                       "upgradeHooks.afterStop.args": ["--source", str(root / "node-state"),
+                                                       "--dest-root", str(root / "backups")]})
     home.announce()
     return home
 
@@ -89,10 +103,31 @@ def summary(home: TestHome, events: Events, ready_at_wall: float) -> None:
         print(f"   prefetch finished {ready['ts'] - fetched[0]['ts']:.2f} s before the node was ready")
     print(f"   ReadyToUpgrade → upgrade.started: {(started['ts'] - ready_at_wall) * 1000:.0f} ms "
           f"(status interval 200 ms)")
-    print(f"   upgrade downtime (last old binary gone → first new binary started): {done['downtime_ms']:.1f} ms")
+    print(f"   upgrade downtime (last old binary gone → first new binary started, the afterStop backup "
+          f"included): {done['downtime_ms']:.1f} ms")
     argv = [e for e in log if e["event"] == "started"][-1]["argv"]
     print(f"   new node started with: ... {' '.join(argv[-2:])}")
     print(f"   `current` now points at: {home.current}")
+    hooks = [f"{e['hook']} {e['duration_ms']:.0f} ms" for e in events.of("hook.completed")]
+    print(f"   hooks: {', '.join(hooks)}; backup: {', '.join(p.name for p in (home.root / 'backups').iterdir())}")
+
+
+def restart_in_place(root: Path) -> None:
+    before = json.loads(run_cli("status", "--home", root, "--json").stdout)
+    say("visor restart: Visor replaces its own processes; the node keeps running")
+    print("   " + run_cli("restart", "--home", root).stdout.strip())
+    after = json.loads(run_cli("status", "--home", root, "--json").stdout)
+    print(f"   visor pid {before['visor']['pid']} -> {after['visor']['pid']}, node pid "
+          f"{before['binaries']['vega']['pid']} -> {after['binaries']['vega']['pid']}, runner pid "
+          f"{before['workers']['runner:vega']['pid']} -> {after['workers']['runner:vega']['pid']}")
+
+
+def history(root: Path) -> None:
+    say("the morning after: visor events --since 10m --no-follow (upgrade and hook events)")
+    out = run_cli("events", "--home", root, "--since", "10m", "--no-follow").stdout.splitlines()
+    for line in out:
+        if " upgrade." in line or " hook." in line:
+            print("   " + line)
 
 
 def main() -> int:
@@ -113,6 +148,8 @@ def main() -> int:
             say("visor status")
             print(render_status(json.loads(run_cli("status", "--home", root, "--json").stdout)))
             summary(home, events, ready_wall)
+            restart_in_place(root)
+            history(root)
             say("stopping visor (SIGTERM)")
             daemon.send_signal(signal.SIGTERM)
             print(f"   visor exited with code {daemon.wait(30)}; its own log is in {tmp / 'visor.log'}")

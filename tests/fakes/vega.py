@@ -130,7 +130,11 @@ def _parse_node_args(args):
 
 
 def node(mode, args):
-    # Held until "started" is logged, so a stop signal always comes after it in the log.
+    # Stop signals stay blocked in every thread (the admin threads inherit the mask): the main thread
+    # takes them with sigtimedwait, so one always comes after "started" in the log. Not a handler: the
+    # kernel may hand a process-wide signal to any thread that does not block it (the admin server
+    # spawning a connection thread, say), and CPython runs a handler only once its main thread wakes,
+    # here from a sleep of an hour; Visor's SIGKILL came first.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     opts = _parse_node_args(args)
 
@@ -142,17 +146,6 @@ def node(mode, args):
     log("started", argv=sys.argv[1:], mode=mode, folder=FOLDER)  # first: benchmarks read its t_mono
     started_mono = time.monotonic()
 
-    def on_stop_signal(signum, _frame):
-        if opts.ignore_sigterm:
-            log("sigterm-ignored", signal=signum)
-            return
-        log("stopped", signal=signum)
-        _leave(0)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_stop_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
     if opts.crash_after is not None and opts.crash_after <= 0:
         _crash(log, opts.exit_code)
     if opts.admin_socket:
@@ -160,7 +153,14 @@ def node(mode, args):
         threading.Thread(target=serve_admin, args=(opts, log), daemon=True).start()
     deadline = float("inf") if opts.crash_after is None else started_mono + opts.crash_after
     while (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, 3600.0))
+        received = signal.sigtimedwait(STOP_SIGNALS, min(remaining, 3600.0))
+        if received is None:
+            continue
+        if opts.ignore_sigterm:
+            log("sigterm-ignored", signal=received.si_signo)
+            continue
+        log("stopped", signal=received.si_signo)
+        _leave(0)
     _crash(log, opts.exit_code)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 if __name__ == "__main__":                      # run from the checkout: visor and tests.* importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import TestHome                 # noqa: E402
+from tests.helpers import TestHome, stop_process   # noqa: E402
 from visor import protocol as p                    # noqa: E402
 from visor.control import ask                      # noqa: E402
 from visor.home import Home, init_home             # noqa: E402
@@ -78,11 +78,7 @@ def run(folder: Path, py: str, visor_root: Path, count: int) -> dict:
             result["kill_to_running_ms"].append((t_up - t_kill) * 1000)
             time.sleep(1.0)                          # its watchers start; the next kill finds a steady state
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         err.close()
         result["node_starts"] = len(test_home.node_events("started"))
     return result

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from contenders import ENV, kill_leftovers
 from measure import wait_for
-from tests.helpers import Events, TestHome
+from tests.helpers import Events, TestHome, stop_process
 
 CONFIG = {"restartsDelaySeconds": 0, "autoInstall.enabled": False}
 
@@ -94,12 +94,7 @@ def run(folder: Path, py: str, visor_root: Path, count: int, interval_ms: int, s
     except AssertionError as why:
         result["note"] = f"{result.get('note', '')} {str(why).splitlines()[0][:200]}".strip()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         events.close()
         err.close()
         kill_leftovers(folder)

@@ -32,6 +32,16 @@ def wait_until(check, *, what: str, timeout_s: float = 5.0):
     return result
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within timeout_s (a daemon at the end of a run)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def run_cli(*args: str, timeout_s: float = 20.0, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*VISOR, *map(str, args)], capture_output=True, text=True, timeout=timeout_s, **kwargs)
 

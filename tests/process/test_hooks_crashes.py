@@ -14,6 +14,20 @@ from tests.process.hookkit import HEIGHT, TAG, calls, gone, no_hook_left, set_ho
 from workers.hooks import SHUTDOWN_GRACE_S
 
 
+def kill_broker_during(home, daemon, events, hook: str, body: str, timeout_s: float = 5.0) -> int:
+    """Starts an upgrade whose `hook` runs `body` (which touches $VISOR_HOME/again, then hangs), kills
+    `visor run` -9 while it runs, and waits for the orphaned hook to be ended. Returns the old node's pid."""
+    set_hooks(home, **{hook: {"path": write_hook(home, hook, body)}})
+    old = start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    pid = events.wait_for("hook.started", hook=hook)["pid"]
+    wait_until(lambda: (home.root / "again").exists(), what="the hook to run")
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    wait_until(lambda: gone(pid), what="the orphaned hook to be ended by its worker", timeout_s=timeout_s)
+    return old
+
+
 @pytest.mark.timeout(60)
 def test_a_hook_left_running_by_an_abandoned_upgrade_does_not_hold_the_next_one(home, daemon, events):
     # the new node crashes while its afterStart hook still runs: that upgrade is over (a restart follows),
@@ -39,14 +53,7 @@ def test_a_broker_killed_during_after_stop_runs_it_again_at_the_next_start_with_
         home, daemon, events):
     # the first run hangs (and ignores SIGTERM); a run that finds the marker passes
     body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntrap "" TERM\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
-    set_hooks(home, afterStop={"path": write_hook(home, "backup", body)})
-    old = start(home, daemon)
-    home.announce(TAG, HEIGHT, ready=True)
-    hung = events.wait_for("hook.started", hook="afterStop")["pid"]
-    wait_until(lambda: (home.root / "again").exists(), what="the hook to ignore SIGTERM")
-    os.kill(daemon.proc.pid, signal.SIGKILL)
-    daemon.proc.wait(5)
-    wait_until(lambda: gone(hung), what="the orphaned hook to be ended by its worker", timeout_s=10)
+    old = kill_broker_during(home, daemon, events, "afterStop", body, timeout_s=10)
     assert home.current == "genesis"
     daemon.start()
     events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
@@ -74,14 +81,7 @@ def test_visor_stops_cleanly_while_a_hook_runs(home, daemon, events):
 @pytest.mark.timeout(60)
 def test_a_broker_killed_during_before_stop_begins_the_upgrade_again_with_the_hook(home, daemon, events):
     body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
-    set_hooks(home, beforeStop={"path": write_hook(home, "announce", body)})
-    old = start(home, daemon)
-    home.announce(TAG, HEIGHT, ready=True)
-    hook = events.wait_for("hook.started", hook="beforeStop")["pid"]
-    wait_until(lambda: (home.root / "again").exists(), what="the hook to run")
-    os.kill(daemon.proc.pid, signal.SIGKILL)
-    daemon.proc.wait(5)
-    wait_until(lambda: gone(hook), what="the orphaned hook to be ended by its worker")
+    old = kill_broker_during(home, daemon, events, "beforeStop", body)
     daemon.start()
     events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
     assert [(c["hook"], c["current"]) for c in calls(home)] == [("beforeStop", "genesis")] * 2

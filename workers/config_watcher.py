@@ -105,7 +105,14 @@ def content_digest(path: Path) -> str:
 
 
 def judge(path: Path) -> protocol.ConfigLoaded | protocol.ConfigRejected:
-    """The start-up loader's verdict on the file as it is now."""
+    """The start-up loader's verdict on the file as it is now. An empty file is valid TOML, but at a
+    reload it is a file caught between its truncation and its new content (`cat > config.toml`, a slow
+    copy), never an operator's wish to put every key back to its default: it is rejected."""
+    try:
+        if not path.read_bytes().strip():
+            return protocol.ConfigRejected(error=f"{path}: is empty (half-written?); the running config stays")
+    except OSError:
+        pass                                     # the loader says what is wrong with it, in its words
     try:
         cfg, warnings = load_visor_config(path)
     except ConfigError as err:

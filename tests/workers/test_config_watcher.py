@@ -56,3 +56,17 @@ def test_an_invalid_edit_is_rejected_naming_file_and_key_and_a_fix_is_loaded(hom
     home.set_config(maxNumberOfRestarts=6)
     assert restarts_in(watcher.next_report()) == 6
     assert watcher.shutdown() == 0 and "Traceback" not in watcher.stderr
+
+
+def test_an_emptied_config_is_rejected_not_applied_as_all_defaults(home, watcher):
+    # regression: `cat > config.toml` (or a truncate, then a slow write) leaves an empty file for a moment;
+    # read then, it was valid TOML and reloaded every key at its default
+    config = home.root / "config.toml"
+    text = config.read_text()
+    assert restarts_in(watcher.next_report()) == 3
+    config.write_text("\n  \n")
+    assert watcher.next_report() == protocol.ConfigRejected(
+        error=f"{config}: is empty (half-written?); the running config stays")
+    config.write_text(text.replace("maxNumberOfRestarts = 3", "maxNumberOfRestarts = 7"))
+    assert restarts_in(watcher.next_report()) == 7
+    assert watcher.shutdown() == 0

@@ -113,7 +113,9 @@ def runs(cmdline: list[str], path: str, args: list[str]) -> bool:
 def find_orphan(path: str, args: list[str], known_pids: set[int]):
     """A child of ours (the subreaper) running [path, *args] that no runner reported: a runner started
     it and died before its report was handled. A psutil.Process, or None. A child still showing our own
-    command line was forked by the runner and not yet executed: it is given EXEC_WAIT_S to."""
+    command line was forked by the runner and not yet executed, and one showing none is in the middle of
+    its exec (the kernel has replaced its memory but not yet laid out its arguments; the runner's Popen
+    returns from that point on): each is given EXEC_WAIT_S to."""
     import psutil
     me = psutil.Process()
     deadline = time.monotonic() + EXEC_WAIT_S
@@ -126,7 +128,7 @@ def find_orphan(path: str, args: list[str], known_pids: set[int]):
                 cmdline = child.cmdline()
                 if runs(cmdline, path, args):
                     return child
-                forked |= cmdline == me.cmdline()
+                forked |= not cmdline or cmdline == me.cmdline()
             except psutil.Error:
                 continue
         if not forked or time.monotonic() > deadline:

@@ -73,7 +73,6 @@ class State:
     first_budget: bool = True
     rpc_failures: int = 0        # counted failures in a row, at most one per RETRY_SPACING_S
     rpc_counted_at: float | None = None
-    answered: bool = False       # the core node answered since the binaries were last started
     accepted: tuple[str, int] | None = None
     upgrade: Upgrade | None = None
     blocked_reason: str = ""
@@ -150,8 +149,7 @@ def in_flight(s: State) -> dict | None:
     The broker writes it down (durably) before carrying out the actions of the step that began it."""
     u = s.upgrade
     if u and u.step in IN_FLIGHT:
-        return {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source,
-                "downtime_ms": u.downtime_ms}
+        return {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source}
     return None
 
 
@@ -181,9 +179,10 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
                 expected=b.expected or frozenset(b.adopted))
     if up:                       # the new binaries run (upgrade.completed was said): the node's answer is due
         s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], source=up.get("source", ""),
-                                       step=Step.ANSWERING),
-                    last_upgrade=MappingProxyType({"tag": up["tag"], "height": up["height"], "folder": up["folder"],
-                                                   "downtime_ms": up.get("downtime_ms")}))
+                                       step=Step.ANSWERING))
+        if not (s.last_upgrade and s.last_upgrade["tag"] == up["tag"]):   # the state file missed its end
+            s = replace(s, last_upgrade=MappingProxyType({"tag": up["tag"], "height": up["height"],
+                                                          "folder": up["folder"], "downtime_ms": None}))
     if missing := s.expected - s.running.keys():
         return _on_failure(s, f"{', '.join(sorted(missing))} not running when Visor started", cfg, now)
     return s, []
@@ -192,7 +191,7 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
 def _start(s: State, folder: str, snapshot_height: int | None) -> Result:
     # RESTARTING -> STARTING (or UPGRADING stays, its step now STARTING)
     phase = Phase.UPGRADING if s.upgrade else Phase.STARTING
-    return replace(s, phase=phase, folder=folder, rpc_failures=0, rpc_counted_at=None, answered=False,
+    return replace(s, phase=phase, folder=folder, rpc_failures=0, rpc_counted_at=None,
                    first_budget=bool(s.upgrade) or s.first_budget and s.restarts == 0), \
         [StartBinaries(folder, snapshot_height)]
 
@@ -314,7 +313,7 @@ def _on_failure(s: State, why: str, cfg: VisorConfig, now: float) -> Result:
 
 
 def _on_status(s: State, fact: p.UpgradeStatus, cfg: VisorConfig, now: float) -> Result:
-    s = replace(s, rpc_failures=0, rpc_counted_at=None, answered=True)
+    s = replace(s, rpc_failures=0, rpc_counted_at=None)
     actions: list[Action] = []
     u = s.upgrade
     if u and u.step is Step.ANSWERING:

@@ -176,21 +176,23 @@ class Supervision(RuleBasedStateMachine):
                 delay=st.sampled_from([0, 5]), stop_delay=st.sampled_from([0, 2]),
                 hooks=st.dictionaries(st.sampled_from(["beforeStop", "afterStop", "afterStart"]), st.booleans()),
                 boot=st.sampled_from(["fresh", "adopted", "adopted-partly", "upgrading", "upgrading-adopted",
-                                      "switched"]))
-    def boot(self, names, delay, stop_delay, hooks, boot):
+                                      "switched", "switched-adopted"]),
+                restarts=st.integers(0, 2), last_done=st.booleans())
+    def boot(self, names, delay, stop_delay, hooks, boot, restarts, last_done):
         self.w = w = World(config(delay, stop_delay, hooks), names)
         pending = {"tag": "v2", "folder": "v2", "height": 50}
         adopted = {}
-        if boot in ("adopted", "upgrading-adopted"):
+        if boot in ("adopted", "upgrading-adopted", "switched-adopted"):
             adopted = {n: 10 + i for i, n in enumerate(sorted(names))}
         elif boot == "adopted-partly":
             adopted = {"vega": 10}
         w.alive = dict(adopted)
         w.ready.add("v2")                          # the previous run verified the folder it was upgrading to
-        folder = "v2" if boot == "switched" else "genesis"
+        folder = "v2" if boot.startswith("switched") else "genesis"
         w.current = folder
-        w.feed(Boot(folder, adopted=adopted, expected=names, restarts=0,
-                    upgrade=pending if boot.startswith("upgrading") or boot == "switched" else None))
+        last = {"tag": "v2", "height": 50, "folder": "v2", "downtime_ms": 3.0} if last_done else None
+        w.feed(Boot(folder, adopted=adopted, expected=names, restarts=restarts if adopted else 0,
+                    upgrade=pending if boot.startswith(("upgrading", "switched")) else None, last_upgrade=last))
 
     @precondition(lambda self: self.w.exited is None and self.w.launching)
     @rule(data=st.data(), ok=st.booleans())

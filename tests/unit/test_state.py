@@ -306,9 +306,11 @@ def test_after_start_after_a_broker_restart_knows_the_folder_upgraded_from():
 def test_an_upgrade_resumed_with_its_new_node_running_is_not_accepted_again_and_keeps_its_downtime():
     s, _ = run([p.UpgradeStatus("v2", 50, True), p.FolderReady("v2", "/h/v2"), exited(code=0),
                 Launching(frozenset({"vega"})), started(pid=12)], up(), now=100.0)
-    pending = in_flight(s)                                   # the new node runs, and has not answered
-    s, _ = run([Boot("v2", adopted={"vega": 12}, expected=frozenset({"vega"}), upgrade=pending)])
-    assert s.last_upgrade["tag"] == "v2" and s.last_upgrade["downtime_ms"] == pending["downtime_ms"]
+    pending, last = in_flight(s), dict(s.last_upgrade)       # the new node runs, and has not answered
+    s, _ = run([Boot("v2", adopted={"vega": 12}, expected=frozenset({"vega"}), upgrade=pending, last_upgrade=last)])
+    assert dict(s.last_upgrade) == last                      # as the state file kept it
+    s2, _ = run([Boot("v2", adopted={"vega": 12}, expected=frozenset({"vega"}), upgrade=pending)])
+    assert s2.last_upgrade["tag"] == "v2" and s2.last_upgrade["downtime_ms"] is None   # a record that missed it
     s, actions = step(s, p.UpgradeStatus("v2", 50, True), CFG, 1)    # the new node still names it
     assert not emitted(actions, "upgrade.accepted") and s.upgrade is None and s.phase is Phase.RUNNING
 

@@ -44,6 +44,15 @@ def run(broker: FakeBroker, path: str, *args: str, timeout_s: float = 30, hook: 
                                  env={**ENV, "VISOR_HOOK": hook}, cwd=str(broker.folder)))
 
 
+# ignores SIGTERM, and so does the child it leaves in the background; the marker says the trap is set
+STUBBORN = "trap '' TERM\ntouch trapped\nsleep 300 &\nsleep 300\n"
+
+
+def trapped(broker: FakeBroker) -> None:
+    """Wait until a STUBBORN hook has set its trap: a SIGTERM before that would end it at once."""
+    wait_until(lambda: (Path(broker.folder) / "trapped").exists(), what="the hook to ignore SIGTERM")
+
+
 def next_of(broker: FakeBroker, kind: type, timeout_s: float = 5.0):
     """The next message of this kind (earlier ones of other kinds are kept in `received`)."""
     return broker.next_report(timeout_s, kinds=(kind,))
@@ -107,12 +116,13 @@ def test_what_a_hook_leaves_in_the_background_is_killed_when_it_exits(broker, fo
 
 @pytest.mark.timeout(30)
 def test_a_hung_hook_is_killed_whole_at_its_timeout(broker, folder):
-    # it ignores SIGTERM, and so does the child it left in the background: only SIGKILL ends them
-    run(broker, script(folder, "hung", "trap '' TERM\nsleep 300 &\nsleep 300\n"), timeout_s=0.5)
+    # only SIGKILL ends it (the timeout leaves a loaded machine time to set the trap first)
+    run(broker, script(folder, "hung", STUBBORN), timeout_s=1.5)
     started = next_of(broker, protocol.HookStarted)
-    finished = next_of(broker, protocol.HookFinished, timeout_s=0.5 + KILL_AFTER_S + 5)
-    assert (finished.ok, finished.exitcode, finished.error) == (False, None, "timed out after 0.5 s")
-    assert 0.5 + KILL_AFTER_S <= finished.duration_ms / 1000 < 0.5 + KILL_AFTER_S + 3
+    trapped(broker)
+    finished = next_of(broker, protocol.HookFinished, timeout_s=1.5 + KILL_AFTER_S + 5)
+    assert (finished.ok, finished.exitcode, finished.error) == (False, None, "timed out after 1.5 s")
+    assert 1.5 + KILL_AFTER_S <= finished.duration_ms / 1000 < 1.5 + KILL_AFTER_S + 3
     assert_group_ends(started.pid)
     # heartbeats went on while it ran (the link is served between the hook's deadlines)
     assert broker.proc.poll() is None
@@ -141,8 +151,9 @@ def test_a_hook_that_cannot_start_fails_without_starting(broker, folder, make, w
 
 def test_a_second_hook_supersedes_the_running_one_which_is_ended_and_reported_first(broker, folder):
     # the broker asks for another hook only when it gave up the upgrade the running one belongs to
-    run(broker, script(folder, "stubborn", "trap '' TERM\nsleep 300 &\nsleep 300\n"), hook="afterStart")
+    run(broker, script(folder, "stubborn", STUBBORN), hook="afterStart")
     first = next_of(broker, protocol.HookStarted)
+    trapped(broker)
     run(broker, script(folder, "never", "exit 0\n"), hook="afterStop")
     run(broker, script(folder, "ok", "exit 0\n"), hook="beforeStop")
     ended = next_of(broker, protocol.HookFinished, timeout_s=KILL_AFTER_S + 5)
@@ -157,8 +168,9 @@ def test_a_second_hook_supersedes_the_running_one_which_is_ended_and_reported_fi
 
 
 def test_shutdown_mid_hook_ends_the_hook_and_everything_it_started(broker, folder):
-    run(broker, script(folder, "stubborn", "trap '' TERM\nsleep 300 &\nsleep 300\n"))
+    run(broker, script(folder, "stubborn", STUBBORN))
     started = next_of(broker, protocol.HookStarted)
+    trapped(broker)
     began = time.monotonic()
     broker.send(protocol.Shutdown())
     finished = next_of(broker, protocol.HookFinished)

@@ -97,8 +97,8 @@ class HandOver:                  # broker -> runner (`visor restart`): leave wit
 
 
 @dataclass(frozen=True)
-class Detach:                    # broker -> a runner not its child (`visor restart`): keep the binary and
-    kind: ClassVar[str] = "detach"   # wait for the next broker, as after a crash
+class Detach:                    # broker -> a runner not its child (`visor restart`): keep the binary, load
+    kind: ClassVar[str] = "detach"   # the code now installed (exec in place) and wait for the next broker
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ Each runner is told to hand its binary over (HandOver: it leaves without a signa
 binary becomes the broker's own child (it is their child subreaper, and PR_SET_CHILD_SUBREAPER
 survives execve); the other workers are told to leave. A runner that a previous broker left (adopted
 after a crash) is not our child, so neither would its binary be: it is told to Detach instead, keeps
-its binary and waits for the new process, which adopts it as after a crash. A worker that does not leave in time (a runner
+its binary, executes the code now installed in place (workers/runner.py, exec_in_place) and waits
+for the new process, which adopts it as after a crash. A worker that does not leave in time (a runner
 of older code that does not know HandOver) is killed: its binary is ours then too. The state file then
-records the binaries and no runner, and the process executes the same command line on the code now
-installed. The new process adopts its own children with new runners (adoption.py, Found.orphans).
+records the binaries and the runners that stay, and the process executes the same command line on the
+code now installed. The new process adopts its own children with new runners (adoption.py, Found.orphans).
 
 Stop signals are blocked across the exec (a blocked signal stays pending through execve) and unblocked
 once the new process has its handlers (unblock_stop_signals): a SIGTERM in between is not lost, and

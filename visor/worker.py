@@ -27,6 +27,7 @@ from visor.config import LOG_LEVELS
 HEARTBEAT_S = 5.0                # a worker silent this long says it is alive (hung: 60 s, see pool.py)
 HELLO_EVERY_S = 0.5              # a runner without a broker says hello this often, for the next one
 OUTLIVING_HWM = 16               # frames queued while no broker reads: a few stale hellos, never a block
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class BrokerGone(BaseException):
@@ -43,6 +44,8 @@ def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--identity", default="", help="socket identity (the name and a per-spawn secret)")
     parser.add_argument("--first", default="", help="a command held from birth (hex of its frame)")
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    parser.add_argument("--detached", action="store_true",
+                        help="start with no broker: say hello until one welcomes us (a runner's exec in place)")
     opts = parser.parse_args(argv)
     # a forked worker keeps the broker's handler (text or JSON); run alone, it gets a plain one
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -63,9 +66,10 @@ class BrokerLost:
 
 class BrokerLink:
     def __init__(self, endpoint: str, name: str, broker_pid: int = 0, identity: str = "", first: str = "",
-                 outlive: bool = False, greeting=lambda: []):
+                 outlive: bool = False, greeting=lambda: [], detached: bool = False):
         self.name = name
         self.outlive = outlive
+        self._detached = detached                # born with no broker to watch (implies outlive)
         self._greeting = greeting                # reports that follow every Hello (a runner's Holding)
         self._next_hello = float("inf")          # while no broker is up
         self._lost_unsaid = False                # lost in send(): receive() still owes BrokerLost
@@ -86,13 +90,18 @@ class BrokerLink:
         self._log = logging.getLogger(name)
 
     def __enter__(self) -> BrokerLink:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, lambda *_: None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked across a runner's exec in place
+        self._sock.connect(self._endpoint)
+        if self._detached:
+            self._next_hello = time.monotonic()
+            self._lost_unsaid = True             # as after a broker's death: a runner holding nothing leaves
+            return self
         try:
             self._broker_fd = os.pidfd_open(self._broker_pid)
         except ProcessLookupError:
             raise BrokerGone from None
-        self._sock.connect(self._endpoint)
         self._hello()
         return self
 

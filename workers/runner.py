@@ -8,19 +8,25 @@ says hello with what it holds until the next broker welcomes it; a binary that e
 held as a report for that broker. The runner leaves on its own only when it holds nothing: at once
 if it held nothing when the broker died, or ORPHAN_LEAVE_S after its binary ended with no broker to
 tell. Decides nothing: every start and stop is a command.
+
+A runner told to Detach (`visor restart`, when the broker is not its parent and so could not inherit
+its binary) executes the code now installed in place: same pid, still the binary's parent, born with
+an AdoptBinary of it, and saying hello until the restarted broker welcomes it (exec_in_place).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 from visor import faults, protocol, stopper
 from visor.errors import NodeError
-from visor.worker import BrokerLink, BrokerLost, Readable, parse_worker_args
+from visor.worker import STOP_SIGNALS, BrokerLink, BrokerLost, Readable, parse_worker_args
 
 ORPHAN_LEAVE_S = 60.0            # a binary ended with no broker up: its report waits this long for one
 UNKNOWN_EXIT = -1                # the exit code of a binary that was not our child (adopted) is not ours
@@ -89,6 +95,7 @@ class Runner:
         self.held: HeldBinary | None = None
         self.stop_timeout_s = 15.0
         self.leave_at = float("inf")             # set while no broker is up and nothing runs
+        self.reload_code = False                 # told to Detach while holding a live binary
 
     def greeting(self) -> list[protocol.Message]:
         return [self.held.holding(self.name)] if self.held else []
@@ -120,6 +127,9 @@ class Runner:
                 return 0
             case protocol.Detach():
                 link.detach()                    # the binary stays ours: the next broker adopts us with it
+                # with a stop under way, the old code enforces its deadline (the broker refuses to restart
+                # while stopping; this is the rare stop of an upgrade)
+                self.reload_code = held is not None and held.exitcode is None and held.kill_at == float("inf")
             case protocol.Welcome() if held is not None and held.exitcode is not None:
                 link.send(protocol.BinaryExited(name=self.name, pid=held.pid, exitcode=held.exitcode))
                 self.held, self.leave_at = None, float("inf")
@@ -155,11 +165,31 @@ class Runner:
         return None
 
 
+def exec_in_place(opts, runner: Runner) -> None:
+    """Replaces this process's code with the code now installed; returns only if that fails (the old
+    code goes on). The binary stays this pid's child, so its exit code is still ours to reap; the file
+    descriptors (ZeroMQ's, the pidfd) close on exec. Stop signals stay blocked across the exec, pending
+    until the new code has its handlers (BrokerLink)."""
+    held, runner.reload_code = runner.held, False
+    adopt_it = protocol.AdoptBinary(pid=held.pid, path=held.path, args=held.args, stop_timeout_s=runner.stop_timeout_s,
+                                    create_time=held.create_time, started_at=held.started_at)
+    argv = [sys.executable, "-m", "workers.runner", "--endpoint", opts.endpoint, "--name", opts.name,
+            "--home", opts.home, "--log-level", opts.log_level, "--identity", opts.identity, "--detached",
+            "--first", protocol.encode(adopt_it).hex()]
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        os.execv(argv[0], argv)
+    except OSError as err:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        logging.getLogger(opts.name).warning("cannot load the code now installed (%s: %s): %s keeps running the "
+                                             "code it started with", argv[0], err.strerror or err, opts.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_worker_args("runner", argv)
     runner = Runner(opts.name.partition(":")[2])
     with BrokerLink(opts.endpoint, opts.name, opts.broker_pid, opts.identity, opts.first, outlive=True,
-                    greeting=runner.greeting) as link:
+                    greeting=runner.greeting, detached=opts.detached) as link:
         while True:
             held = runner.held
             running = held is not None and held.exitcode is None
@@ -167,3 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             code = runner.step(link, link.receive(until=until, watch=(held.proc.pidfd,) if running else ()))
             if code is not None:
                 return code
+            if runner.reload_code:
+                exec_in_place(opts, runner)
+
+
+if __name__ == "__main__":                       # exec_in_place; forked runners enter at main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import zmq
 
@@ -33,7 +34,10 @@ def receive(router: zmq.Socket, kind: type, timeout_s: float = 5.0):
     raise AssertionError(f"no {kind.__name__} within {timeout_s}s")
 
 
-def test_a_runner_keeps_its_binary_and_its_exit_code_for_the_next_broker():
+@pytest.fixture
+def world():
+    """A real runner born with a StartBinary of the fake node, a ROUTER standing for the broker's worker
+    socket, and a sleeping process standing for the broker (its death is what the runner watches)."""
     folder = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
     vega = install_fake_vega(folder, "v0.72.1")
     endpoint = f"ipc://{folder}/w.sock"
@@ -41,34 +45,19 @@ def test_a_runner_keeps_its_binary_and_its_exit_code_for_the_next_broker():
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(endpoint)
-    broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # stands for the broker
+    broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     first = p.encode(p.StartBinary(path=str(vega), args=["node"], stop_timeout_s=1.0)).hex()
     runner = subprocess.Popen([sys.executable, "-c", "import sys; from workers.runner import main; sys.exit(main())",
                                "--endpoint", endpoint, "--name", "runner:vega", "--broker-pid", str(broker.pid),
                                "--identity", "runner:vega#secret", "--first", first], cwd=REPO)
-    node = None
+    nodes: list[int] = []
     try:
-        _, started = receive(router, p.BinaryStarted)
-        node = started.pid
-        broker.kill()
-        broker.wait()
-        identity, holding = receive(router, p.Holding)           # said again and again while no broker is up
-        assert identity == b"runner:vega#secret" and (holding.pid, holding.exitcode) == (node, None)
-        os.kill(node, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while holding.exitcode is None and time.monotonic() < deadline:
-            _, holding = receive(router, p.Holding)
-        assert holding.exitcode == -signal.SIGKILL and runner.poll() is None
-        router.send_multipart([identity, p.encode(p.Welcome(broker_pid=os.getpid()))])
-        _, exited = receive(router, p.BinaryExited)
-        assert (exited.pid, exited.exitcode) == (node, -signal.SIGKILL)
-        router.send_multipart([identity, p.encode(p.Shutdown())])
-        assert runner.wait(5) == 0
+        yield router, broker, runner, nodes
     finally:
         for proc in (runner, broker):
             proc.kill()
             proc.wait()
-        if node:
+        for node in nodes:
             try:
                 os.kill(node, signal.SIGKILL)
             except ProcessLookupError:
@@ -76,3 +65,41 @@ def test_a_runner_keeps_its_binary_and_its_exit_code_for_the_next_broker():
         router.close()
         ctx.term()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_runner_keeps_its_binary_and_its_exit_code_for_the_next_broker(world):
+    router, broker, runner, nodes = world
+    _, started = receive(router, p.BinaryStarted)
+    node = started.pid
+    nodes.append(node)
+    broker.kill()
+    broker.wait()
+    identity, holding = receive(router, p.Holding)           # said again and again while no broker is up
+    assert identity == b"runner:vega#secret" and (holding.pid, holding.exitcode) == (node, None)
+    os.kill(node, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while holding.exitcode is None and time.monotonic() < deadline:
+        _, holding = receive(router, p.Holding)
+    assert holding.exitcode == -signal.SIGKILL and runner.poll() is None
+    router.send_multipart([identity, p.encode(p.Welcome(broker_pid=os.getpid()))])
+    _, exited = receive(router, p.BinaryExited)
+    assert (exited.pid, exited.exitcode) == (node, -signal.SIGKILL)
+    router.send_multipart([identity, p.encode(p.Shutdown())])
+    assert runner.wait(5) == 0
+
+
+def test_a_runner_told_to_detach_loads_the_new_code_in_place_and_keeps_its_binary_and_its_exit_code(world):
+    router, _broker, runner, nodes = world
+    identity, started = receive(router, p.BinaryStarted)
+    nodes.append(started.pid)
+    router.send_multipart([identity, p.encode(p.Detach())])
+    _, holding = receive(router, p.Holding)                  # from the code it executed, same pid
+    assert (holding.pid, holding.exitcode, holding.stopping) == (started.pid, None, False)
+    assert "workers.runner" in Path(f"/proc/{runner.pid}/cmdline").read_bytes().decode()
+    assert psutil.Process(started.pid).ppid() == runner.pid  # still the node's parent
+    router.send_multipart([identity, p.encode(p.Welcome(broker_pid=os.getpid()))])
+    os.kill(started.pid, signal.SIGKILL)
+    _, exited = receive(router, p.BinaryExited)
+    assert (exited.pid, exited.exitcode) == (started.pid, -signal.SIGKILL)   # reaped, not -1: its child
+    router.send_multipart([identity, p.encode(p.Shutdown())])
+    assert runner.wait(5) == 0

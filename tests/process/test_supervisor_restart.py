@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -133,7 +134,8 @@ def test_restart_kills_a_runner_that_does_not_hand_over_and_adopts_its_node(home
 
 def test_restart_after_a_crash_keeps_the_node_its_adopted_runner_still_holds(home, daemon, events):
     # regression: after a kill -9 and an adopting `visor run`, the runner is not the daemon's child, so
-    # a binary it hands over goes to init, and the re-executed daemon stopped the node as unsupervised
+    # a binary it hands over goes to init, and the re-executed daemon stopped the node as unsupervised.
+    # It keeps its pid (the node's parent) and executes the code now installed in place.
     daemon.start()
     node = daemon.wait_running()["binaries"]["vega"]["pid"]
     runner = daemon.wait_running()["workers"]["runner:vega"]["pid"]
@@ -146,7 +148,9 @@ def test_restart_after_a_crash_keeps_the_node_its_adopted_runner_still_holds(hom
     assert done.returncode == 0, done.stderr
     after = daemon.wait_running()
     assert after["binaries"]["vega"]["pid"] == node and lifecycle(home) == ["started"]
-    assert after["workers"]["runner:vega"]["pid"] == runner      # kept: it alone can reap the node
+    assert after["workers"]["runner:vega"]["pid"] == runner      # kept: it alone can reap the node,
+    assert "workers.runner" in Path(f"/proc/{runner}/cmdline").read_bytes().decode()   # on the new code,
+    assert "SigBlk:\t0000000000000000" in Path(f"/proc/{runner}/status").read_text()  # stop signals unblocked
     os.kill(node, signal.SIGKILL)                                  # still supervised, exit code kept
     assert events.wait_for("binary.exited", pid=node)["exitcode"] == -9
     assert home.wait_started(2)

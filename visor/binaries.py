@@ -112,27 +112,36 @@ def runs(cmdline: list[str], path: str, args: list[str]) -> bool:
 
 def find_orphan(path: str, args: list[str], known_pids: set[int]):
     """A child of ours (the subreaper) running [path, *args] that no runner reported: a runner started
-    it and died before its report was handled. A psutil.Process, or None. A child still showing our own
-    command line was forked by the runner and not yet executed, and one showing none is in the middle of
-    its exec (the kernel has replaced its memory but not yet laid out its arguments; the runner's Popen
-    returns from that point on): each is given EXEC_WAIT_S to."""
+    it and died before its report was handled. A psutil.Process, or None."""
+    found = orphans(lambda _child, cmdline: runs(cmdline, path, args), known_pids)
+    return found[0] if found else None
+
+
+def orphans(matches, known_pids: set[int]) -> list:
+    """Our children (we are their subreaper: a worker that started them died) for which `matches`
+    (psutil.Process, its command line -> bool) holds, leaving out known_pids (our workers). A child still showing our own
+    command line was forked by the worker and not yet executed, and one showing none is in the middle
+    of its exec (the kernel has replaced its memory but not yet laid out its arguments; the worker's
+    Popen returns from that point on): they are given EXEC_WAIT_S to become what they will be."""
     import psutil
     me = psutil.Process()
+    mine = me.cmdline()
     deadline = time.monotonic() + EXEC_WAIT_S
     while True:
-        forked = False
+        found, forked = [], False
         for child in me.children():
             try:
                 if child.pid in known_pids or child.status() == psutil.STATUS_ZOMBIE:
                     continue
                 cmdline = child.cmdline()
-                if runs(cmdline, path, args):
-                    return child
-                forked |= not cmdline or cmdline == me.cmdline()
+                if not cmdline or cmdline == mine:
+                    forked = True
+                elif matches(child, cmdline):
+                    found.append(child)
             except psutil.Error:
                 continue
         if not forked or time.monotonic() > deadline:
-            return None
+            return found
         time.sleep(0.01)
 
 

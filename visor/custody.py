@@ -125,7 +125,8 @@ class Custody:
             self._find_started(worker)       # it may have died between its start and its report
             self._account_for_binaries()     # its binary is now our child, or ended unreported
         elif worker.name == "hooks":
-            for failed in self.hooks.worker_died(code):  # a killed hook is a failed hook, retried as one
+            known = {w.pid for w in self.pool.workers.values()}
+            for failed in self.hooks.worker_died(code, known):   # a killed hook is a failed hook, retried as one
                 self._on_hook_finished(failed)
 
     def _find_started(self, worker) -> None:

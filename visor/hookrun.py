@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visor import protocol as p
+from visor.binaries import orphans
 from visor.config import VisorConfig
 from visor.facts import RunHook
 
@@ -77,10 +78,11 @@ class Hooks:
             return "hook.completed", fields, not self.sent
         return "hook.failed", {**fields, "exitcode": msg.exitcode, "error": msg.error}, not self.sent
 
-    def worker_died(self, exitcode: int) -> list[p.HookFinished]:
-        """The hooks worker is gone: each hook sent to it has failed, the running one's group is killed."""
+    def worker_died(self, exitcode: int, known_pids: set[int]) -> list[p.HookFinished]:
+        """The hooks worker is gone: each hook sent to it has failed, the running one's group is killed.
+        known_pids: our workers' (never taken for a hook)."""
         for run in self.sent:
-            pid = run.pid if run.pid is not None else _orphaned(run)
+            pid = run.pid if run.pid is not None else _orphaned(run, known_pids)
             if pid is None:
                 continue
             try:
@@ -100,20 +102,16 @@ class Hooks:
         return {"name": run.hook, "pid": run.pid, "running_s": round(time.time() - run.started_at, 1)}
 
 
-def _orphaned(run: Running) -> int | None:
-    """The pid of a hook whose HookStarted died with its worker (killed right after starting it). It is
-    our child now (we are a subreaper), a group leader, and its environment says which hook it is; the
-    newest such, since something an earlier run of that hook detached (setsid) can match too."""
-    import psutil
-    found = []
-    for child in psutil.Process().children():
-        try:
-            env = child.environ()
-            if env.get("VISOR_HOOK") == run.hook and env.get("VISOR_UPGRADE_TAG") == run.tag \
-                    and os.getpgid(child.pid) == child.pid:
-                found.append((child.create_time(), child.pid))
-        except (psutil.Error, ProcessLookupError):
-            continue
+def _orphaned(run: Running, known_pids: set[int]) -> int | None:
+    """The pid of a hook whose HookStarted died with its worker (killed right after starting it, or
+    between its fork and its exec). It is our child now (we are a subreaper), a group leader, and its
+    environment says which hook it is; the newest such, since something an earlier run of that hook
+    detached (setsid) can match too."""
+    def matches(child, _cmdline) -> bool:
+        env = child.environ()
+        return env.get("VISOR_HOOK") == run.hook and env.get("VISOR_UPGRADE_TAG") == run.tag \
+            and os.getpgid(child.pid) == child.pid
+    found = [(child.create_time(), child.pid) for child in orphans(matches, known_pids)]
     return max(found)[1] if found else None
 
 

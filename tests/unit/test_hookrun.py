@@ -4,6 +4,7 @@ and what it ends when the hooks worker dies."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -61,12 +62,38 @@ def test_a_dead_worker_fails_every_hook_sent_and_kills_one_it_never_reported_sta
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
     try:
         wait_until(lambda: psutil.Process(orphan.pid).environ().get("VISOR_HOOK"), what="the hook's exec")
-        ends = hooks.worker_died(-9)
+        ends = hooks.worker_died(-9, known_pids=set())
         assert orphan.wait(5) == -9
     finally:
         orphan.kill()
         orphan.wait()
     assert [(e.hook, e.ok, e.error) for e in ends] == [("afterStop", False, "the hooks worker died (exit code -9)")]
+
+
+def test_a_hook_caught_between_its_fork_and_its_exec_is_waited_for_and_killed():
+    # the worker died right after forking the hook: the child still runs our code, without the
+    # hook's environment or group; it is given a moment to exec, then found and killed all the same
+    hooks = Hooks(Path("/srv/visor"))
+    hooks.command(action("afterStop"), CFG)
+    env = {**os.environ, "VISOR_HOOK": "afterStop", "VISOR_UPGRADE_TAG": "v0.73.0"}
+    pid = os.fork()
+    if pid == 0:                                     # the hook, slow to exec
+        try:
+            time.sleep(0.1)
+            os.setsid()
+            os.execve(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)"], env)
+        finally:
+            os._exit(1)
+    try:
+        hooks.worker_died(-9, known_pids=set())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == -9
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def test_hooks_a_previous_run_left_are_ended_at_start_and_only_this_homes(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ yaml = pytest.importorskip("yaml")
 REPO = Path(__file__).resolve().parent.parent.parent
 RULES = REPO / "etc" / "prometheus" / "visor-alerts.yml"
 DASHBOARD = REPO / "etc" / "grafana" / "visor.json"
+RULE_TESTS = REPO / "etc" / "prometheus" / "visor-alerts.test.yml"
+PROMTOOL = shutil.which("promtool")
+NO_PROMTOOL = "Prometheus's promtool is not installed (Debian: apt-get install prometheus)"
 NEEDED = {   # what the issue asks to be alerted on -> a metric the alert must use
     "upgrade blocked": "visor_upgrade_blocked", "restart budget": "visor_restarts_used",
     "node binary down": "visor_binary_up", "broker not answering": "visor_broker_up",
@@ -131,3 +136,17 @@ def test_the_folder_ready_gauge_follows_the_prefetch_of_the_accepted_release():
     assert feed(p.FolderReady("v1", "v1")) is True               # another tag's says nothing of this one
     assert feed(p.FolderBlocked("v2", "v2", "version mismatch")) is False
     assert feed(p.FolderReady("v2", "v2"), p.UpgradeStatus("v3", 200, False)) is False   # a new release
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMTOOL)
+def test_promtool_accepts_the_rules_and_passes_their_unit_tests():
+    # each alert fires on Visor's series only after its `for:`, and its summary renders as written
+    for command in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]):
+        done = subprocess.run([PROMTOOL, *command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_alert_has_a_unit_test_for_promtool():
+    tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert tested == {rule["alert"] for rule in rules()}

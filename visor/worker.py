@@ -28,6 +28,7 @@ HEARTBEAT_S = 5.0                # a worker silent this long says it is alive (h
 HELLO_EVERY_S = 0.5              # a runner without a broker says hello this often, for the next one
 OUTLIVING_HWM = 16               # frames queued while no broker reads: a few stale hellos, never a block
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+IDENTITY_ENV = "VISOR_WORKER_IDENTITY"  # the identity of a runner executed in place (taken out at once)
 
 
 class BrokerGone(BaseException):
@@ -47,6 +48,7 @@ def parse_worker_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--detached", action="store_true",
                         help="start with no broker: say hello until one welcomes us (a runner's exec in place)")
     opts = parser.parse_args(argv)
+    opts.identity = opts.identity or os.environ.pop(IDENTITY_ENV, "")   # never passed on to a node binary
     # a forked worker keeps the broker's handler (text or JSON); run alone, it gets a plain one
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger().setLevel(opts.log_level)

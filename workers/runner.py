@@ -26,7 +26,7 @@ import time
 
 from visor import faults, protocol, stopper
 from visor.errors import NodeError
-from visor.worker import STOP_SIGNALS, BrokerLink, BrokerLost, Readable, parse_worker_args
+from visor.worker import IDENTITY_ENV, STOP_SIGNALS, BrokerLink, BrokerLost, Readable, parse_worker_args
 
 ORPHAN_LEAVE_S = 60.0            # a binary ended with no broker up: its report waits this long for one
 UNKNOWN_EXIT = -1                # the exit code of a binary that was not our child (adopted) is not ours
@@ -174,11 +174,11 @@ def exec_in_place(opts, runner: Runner) -> None:
     adopt_it = protocol.AdoptBinary(pid=held.pid, path=held.path, args=held.args, stop_timeout_s=runner.stop_timeout_s,
                                     create_time=held.create_time, started_at=held.started_at)
     argv = [sys.executable, "-m", "workers.runner", "--endpoint", opts.endpoint, "--name", opts.name,
-            "--home", opts.home, "--log-level", opts.log_level, "--identity", opts.identity, "--detached",
-            "--first", protocol.encode(adopt_it).hex()]
+            "--home", opts.home, "--log-level", opts.log_level, "--detached", "--first", protocol.encode(adopt_it).hex()]
+    env = {**os.environ, IDENTITY_ENV: opts.identity}   # not in argv: /proc/PID/environ is the owner's only
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, env)
     except OSError as err:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         logging.getLogger(opts.name).warning("cannot load the code now installed (%s: %s): %s keeps running the "

@@ -95,7 +95,8 @@ def test_a_runner_told_to_detach_loads_the_new_code_in_place_and_keeps_its_binar
     router.send_multipart([identity, p.encode(p.Detach())])
     _, holding = receive(router, p.Holding)                  # from the code it executed, same pid
     assert (holding.pid, holding.exitcode, holding.stopping) == (started.pid, None, False)
-    assert "workers.runner" in Path(f"/proc/{runner.pid}/cmdline").read_bytes().decode()
+    cmdline = Path(f"/proc/{runner.pid}/cmdline").read_bytes().decode()
+    assert "workers.runner" in cmdline and "secret" not in cmdline   # its identity: not for every user to read
     assert psutil.Process(started.pid).ppid() == runner.pid  # still the node's parent
     router.send_multipart([identity, p.encode(p.Welcome(broker_pid=os.getpid()))])
     os.kill(started.pid, signal.SIGKILL)

@@ -24,7 +24,7 @@ import zmq
 from visor import protocol as p, reexec, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
 from visor.binaries import Binaries, become_subreaper
-from visor.config import RunConfig, load_run_config, load_visor_config
+from visor.config import RunConfig, load_run_config, load_visor_config, runnable
 from visor.errors import ConfigError, HomeError
 from visor.history import FILE_NAME as HISTORY_FILE, History
 from visor.hookrun import Hooks
@@ -230,7 +230,8 @@ class Broker(Intake, Custody):
 
     def _start_binaries(self, folder: str, snapshot_height: int | None) -> None:
         try:
-            rc, _warnings = load_run_config(self.home.root / folder / "run-config.toml")
+            path = self.home.root / folder / "run-config.toml"
+            rc = runnable(load_run_config(path)[0], path)
         except ConfigError as err:
             self.feed(p.StartFailed(name="vega", error=str(err)))
             return
@@ -317,10 +318,11 @@ class Broker(Intake, Custody):
         self.sockets.events.emit(type_, **fields)
 
     def _load_current(self) -> RunConfig:
-        rc, warnings = load_run_config(self.home.current / "run-config.toml")
+        path = self.home.current / "run-config.toml"
+        rc, warnings = load_run_config(path)
         for warning in warnings:
             log.warning("%s", warning)
-        return rc
+        return runnable(rc, path)
 
     def status(self) -> dict:
         status = report.status(self.state, self.cfg, self.run_config, self.binaries, self.pool,

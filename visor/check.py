@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from visor.config import HOOKS, VisorConfig, load_run_config, parse_visor_config, read_toml
+from visor.config import HOOKS, NO_SOCKET, VisorConfig, load_run_config, parse_visor_config, read_toml
 from visor.errors import ConfigError, HomeError
 from visor.home import Home
 
@@ -119,7 +119,7 @@ def check_run_config(path: Path, found: Findings) -> None:
     for name, binary in rc.binaries().items():
         check_binary(path, f"{name}.binary.path", binary.path, found)
     if not rc.socket_path:
-        found.problems.append(f"{path}: vega.rpc.socketPath is empty; set it to the core node's admin socket")
+        found.problems.append(f"{path}: {NO_SOCKET}")
     elif not Path(rc.socket_path).parent.is_dir():
         found.problems.append(f"{path}: vega.rpc.socketPath {rc.socket_path}: "
                               f"its folder {Path(rc.socket_path).parent} does not exist")

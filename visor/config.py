@@ -197,6 +197,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, f"not valid TOML ({err})") from None
 
 
+MAX_INT = 10**12
+
+
 def _flatten(raw: dict[str, Any], prefix: str = ""):
     """Nested tables become dotted keys; tables that are values of their own (upgradeFolders) stay whole."""
     for key, value in raw.items():
@@ -216,6 +219,8 @@ def parse_visor_config(raw: dict[str, Any], path: Path) -> tuple[VisorConfig, li
     values, warnings = {}, []
     for key, value in _flatten(raw):
         if key not in KEYS:
+            if any(known.startswith(f"{key}.") for known in KEYS):   # `autoInstall = false`: not ignorable
+                raise ConfigError(path, f"{key} must be a table, got {value!r}")
             warnings.append(f"{path}: unknown key {key!r} ignored")
             continue
         name, kind, _default, _meaning = KEYS[key]
@@ -223,6 +228,8 @@ def parse_visor_config(raw: dict[str, Any], path: Path) -> tuple[VisorConfig, li
             raise ConfigError(path, f"{key} must be {WORDS[kind]}, got {value!r}")
         if kind is int and value < 0:
             raise ConfigError(path, f"{key} must not be negative, got {value}")
+        if kind is int and value > MAX_INT:  # far past any use; beyond it, timers and messages overflow
+            raise ConfigError(path, f"{key} must be at most {MAX_INT}, got {value}")
         values[name] = value
     for tag, folder in values.get("upgrade_folders", {}).items():
         if not isinstance(folder, str) or not folder or "/" in folder or folder in (".", ".."):
@@ -289,6 +296,17 @@ def _binary(table: dict, where: str, path: Path) -> BinaryConfig:
 
 RUN_KEYS = {"name", "vega.binary.path", "vega.binary.args", "vega.rpc.socketPath", "vega.rpc.httpPath",
             "data_node.binary.path", "data_node.binary.args"}
+
+
+NO_SOCKET = "vega.rpc.socketPath is empty; set it to the core node's admin socket"
+
+
+def runnable(rc: RunConfig, path: Path) -> RunConfig:
+    """A run-config Visor can run: it names the core node's admin socket (without it Visor could never
+    ask for an upgrade; Go's `init` leaves it empty, so load_run_config alone accepts that)."""
+    if not rc.socket_path:
+        raise ConfigError(path, NO_SOCKET)
+    return rc
 
 
 def load_run_config(path: Path) -> tuple[RunConfig, list[str]]:

@@ -25,7 +25,7 @@ import tomli_w
 
 from visor import protocol
 from visor.archive import extract, safe_path
-from visor.config import load_run_config, load_visor_config, read_toml
+from visor.config import load_run_config, load_visor_config, read_toml, runnable
 from visor.errors import ConfigError, FetchError, NodeError, VisorError
 from visor.github import Client, Report, Source
 from visor.home import fsync_dir
@@ -45,7 +45,7 @@ def check_folder(folder: Path, tag: str) -> str:
     if not folder.is_dir():
         return f"{folder}: not a folder"
     try:
-        rc, _warnings = load_run_config(folder / "run-config.toml")
+        rc = runnable(load_run_config(folder / "run-config.toml")[0], folder / "run-config.toml")
         for binary in rc.binaries().values():
             if not binary.path.is_file():
                 return f"{binary.path}: binary not found"

@@ -178,6 +178,17 @@ def test_run_with_a_bad_config_is_one_line(home):
     assert done.stderr.strip().endswith("config.toml: maxNumberOfRestarts must be a whole number, got 'x'")
 
 
+def test_run_with_no_admin_socket_in_the_run_config_is_one_line_and_starts_nothing(home):
+    # it used to start the node and then fail every status call for days (EINVAL, no file named)
+    path = home.root / "genesis" / "run-config.toml"
+    path.write_text(path.read_text().replace(f'socketPath = "{home.socket}"', 'socketPath = ""'))
+    done = run_cli("run", "--home", home.root)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"visor: {home.root / 'current' / 'run-config.toml'}: " \
+                                  "vega.rpc.socketPath is empty; set it to the core node's admin socket"
+    assert not home.node_events()
+
+
 def test_a_second_daemon_on_the_same_home_is_refused(home, daemon):
     daemon.start()
     daemon.wait_running()

@@ -64,6 +64,10 @@ stopSignalTimeoutSeconds = 15
     ("logFormat = 'xml'", 'logFormat must be "text" or "json"'),
     ("metricsListen = '9120'", "metricsListen must be host:port"),
     ("maxNumberOfRestarts = \n", "not valid TOML (Invalid value (at line 1, column 23))"),
+    # a table's name given a value: not an unknown key to ignore (auto-install would stay on)
+    ("autoInstall = false", "autoInstall must be a table, got False"),
+    ("[autoInstall]\nasset = 3", "autoInstall.asset must be a table, got 3"),
+    ("stopSignalTimeoutSeconds = 99999999999999999999", "stopSignalTimeoutSeconds must be at most 1000000000000"),
 ])
 def test_a_bad_value_is_one_line_naming_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -338,6 +338,17 @@ def test_prepare_verifies_an_existing_folder_without_the_network(home):
     assert blocked.reason == f"version mismatch: {home.root / TAG / 'vega'} reports v0.72.9, want {TAG}"
 
 
+def test_a_folder_whose_run_config_names_no_admin_socket_is_not_ready(home):
+    # after the upgrade Visor could never ask the new node for the next one: held before anything stops
+    home.stage(TAG, TAG)
+    path = home.root / TAG / "run-config.toml"
+    path.write_text(path.read_text().replace(f'socketPath = "{home.socket}"', 'socketPath = ""'))
+    cmd = protocol.Prepare(tag=TAG, folder=str(home.root / TAG), fetch=False,
+                           current_run_config=str(home.root / "genesis/run-config.toml"))
+    assert prepare(cmd, lambda _m: None, {}).reason == \
+        f"{path}: vega.rpc.socketPath is empty; set it to the core node's admin socket"
+
+
 def test_a_folder_verified_at_acceptance_is_not_run_again_at_the_upgrade_unless_it_changed(home):
     home.stage(TAG, TAG)
     cmd = protocol.Prepare(tag=TAG, folder=str(home.root / TAG), fetch=False,

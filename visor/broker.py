@@ -69,6 +69,7 @@ class Broker(Intake, Custody):
         self.notifier = Notifier()
         self.hooks = Hooks(home.root)
         self._ready_sent = False
+        self._stop_signalled_at: float | None = None   # the first SIGTERM/SIGINT (a later one escalates)
 
     # --- start and stop -----------------------------------------------------------------------
 

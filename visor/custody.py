@@ -23,6 +23,7 @@ from visor.state import Phase
 log = logging.getLogger("visor")
 SPAWN_WORKERS_AFTER_S = 1.0      # the watchers start with the first binary, or after this at the latest
 STOP_GRACE_S = 5.0               # past stopSignalTimeoutSeconds, the broker kills a binary itself
+SAME_STOP_S = 1.0                # stop signals this close are one request (sent to us and to our group)
 
 
 class Custody:
@@ -166,6 +167,12 @@ class Custody:
                 for exit_ in self.binaries.reap_orphans({w.pid for w in self.pool.workers.values()}):
                     self._forget_binary(exit_)
             elif signum in (signal.SIGTERM, signal.SIGINT) and self.state.phase is Phase.STOPPING:
+                first, now = self._stop_signalled_at, time.monotonic()
+                if first is None or now - first < SAME_STOP_S:   # the same stop, through the process group too
+                    self._stop_signalled_at = first or now
+                    log.info("received %s: already stopping (SIGKILL after stopSignalTimeoutSeconds)",
+                             signal.Signals(signum).name)
+                    continue
                 # a second Ctrl-C: the operator will not wait for stopSignalTimeoutSeconds
                 log.warning("received %s again: killing the binaries now", signal.Signals(signum).name)
                 for b in self.binaries.values():
@@ -173,5 +180,6 @@ class Custody:
                 self.binaries.kill_stopped()
                 self._account_for_binaries()
             elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop_signalled_at = self._stop_signalled_at or time.monotonic()
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.feed(st.StopRequested(signal.Signals(signum).name))

@@ -6,12 +6,14 @@ import select
 import signal
 import stat
 import subprocess
+import time
 
 import psutil
 import pytest
 
 from tests.fakes import read_log
 from tests.helpers import VISOR, run_cli, wait_until
+from visor.custody import SAME_STOP_S
 from visor.events import EVENTS
 
 pytestmark = pytest.mark.timeout(60)
@@ -223,7 +225,25 @@ def test_a_second_stop_signal_kills_a_node_that_ignores_sigterm_at_once(home, da
     daemon.start()
     daemon.wait_running()
     daemon.signal(signal.SIGINT)
+    first = time.monotonic()
     wait_until(lambda: home.node_events("sigterm-ignored"), what="the node to ignore SIGTERM")
+    wait_until(lambda: time.monotonic() - first >= SAME_STOP_S, what="a second press, not the same one")
     daemon.signal(signal.SIGINT)                      # the operator presses Ctrl-C again
     assert daemon.wait_exit(10) == 0
     assert events.wait_for("binary.exited", name="vega")["exitcode"] == -9
+
+
+def test_a_stop_signal_sent_twice_at_once_is_one_stop_with_its_timeout(home, daemon, events):
+    # `timeout 3 visor run`, or a kill to the process and one to its group: the node gets its
+    # stopSignalTimeoutSeconds all the same, not a SIGKILL a millisecond after its SIGTERM
+    home.stage("genesis", "v0.72.1", args=home.node_args("--ignore-sigterm"))
+    home.set_config(stopSignalTimeoutSeconds=2)
+    daemon.start()
+    daemon.wait_running()
+    home.wait_started(1)
+    daemon.signal(signal.SIGTERM)
+    stopping = events.wait_for("visor.stopping")          # the first one is being acted on
+    os.killpg(daemon.proc.pid, signal.SIGTERM)
+    assert daemon.wait_exit(20) == 0
+    exited = events.wait_for("binary.exited", name="vega")
+    assert exited["exitcode"] == -9 and exited["ts"] - stopping["ts"] >= 1.9

@@ -350,7 +350,7 @@ def _on_rpc_failed(s: State, error: str, cfg: VisorConfig, now: float) -> Result
     if n <= budget:
         return s, [emit]
     # -> STOPPING: the node never answered; stop it and exit non-zero
-    why = f"core node did not answer upgrade-status calls for {n * RETRY_SPACING_S:g} s: {error}"
+    why = f"core node did not answer upgrade-status calls for {(n - 1) * RETRY_SPACING_S:g} s ({n} attempts): {error}"
     state, actions = _stop_all(replace(s, phase=Phase.STOPPING, exit_code=1, reason=why, upgrade=None), cfg, now)
     return state, [emit, *actions]
 

@@ -32,7 +32,7 @@ def test_node_unreachable_retries_spent(home, daemon, events):
     home.set_config(maxNumberOfFirstConnectionRetries=2)
     daemon.start()
     assert daemon.wait_exit(20) == 1
-    assert "did not answer upgrade-status calls for 6 s" in daemon.stderr.strip().splitlines()[-1]
+    assert "did not answer upgrade-status calls for 4 s (3 attempts)" in daemon.stderr.strip().splitlines()[-1]
     wait_nothing_left(home, GONE_S)
     assert home.node_events()[-1]["event"] == "stopped"
 

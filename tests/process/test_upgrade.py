@@ -107,7 +107,7 @@ def test_first_connection_retries_spent_stop_the_node_and_exit_non_zero(home, da
     assert daemon.wait_exit(20) == 1
     assert [e["attempt"] for e in events.of("rpc.unreachable")][-1] == 4
     assert events.of("rpc.unreachable")[-1]["max"] == 3
-    assert "did not answer upgrade-status calls for 8 s" in events.wait_for("visor.failed")["reason"]
+    assert "did not answer upgrade-status calls for 6 s (4 attempts)" in events.wait_for("visor.failed")["reason"]
     assert home.node_events()[-1]["event"] == "stopped"
 
 

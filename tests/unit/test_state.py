@@ -196,7 +196,7 @@ def test_a_retry_budget_means_seconds_as_in_the_go_visor_whatever_the_poll_inter
     assert s.phase is Phase.RUNNING and s.rpc_failures == 3
     s, actions = fail_calls(s, [106])
     assert s.phase is Phase.STOPPING and actions[-1] == StopBinaries()
-    assert "for 8 s" in s.reason
+    assert "for 6 s (4 attempts)" in s.reason
 
 
 def test_a_node_that_answered_keeps_the_first_budget_until_a_crash_restart():

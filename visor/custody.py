@@ -45,7 +45,8 @@ class Custody:
             log.info("adopted from the previous run: %s", ", ".join(f"{n} pid {pid}" for n, pid in alive.items()))
         self.feed(st.Boot(folder, adopted=found.pids(), expected=frozenset(expected),
                           restarts=int(record.get("restarts") or 0) if found.pids() else 0,
-                          upgrade=self._pending_upgrade, last_upgrade=record.get("last_upgrade") or None))
+                          upgrade=_on_this_clock(self._pending_upgrade),
+                          last_upgrade=record.get("last_upgrade") or None))
         for name in found.orphans:                   # our children: a new runner takes each on
             self._spawn(f"runner:{name}")
         for exit_ in found.exits:
@@ -91,7 +92,11 @@ class Custody:
     def _remember_upgrade(self) -> None:
         """Writes down an upgrade before its first stop is sent, and forgets it once the new node has
         answered: a broker killed in between starts the new folder from the upgrade block again."""
-        pending = st.in_flight(self.state)
+        pending, old = st.in_flight(self.state), self._pending_upgrade or {}
+        if pending and "down_at" in pending:     # a monotonic time: written as the wall-clock time, once
+            pending["down_at"] = old.get("down_at") or time.time() - (time.monotonic() - pending["down_at"])
+        elif pending and "down_at" in old and {**pending, "down_at": old["down_at"]} == old:
+            pending = old                        # past its afterStop: what is written is still true
         if pending != self._pending_upgrade:
             self._pending_upgrade = pending
             self.record_state(durable=True)     # before the first stop is sent: it must survive a crash
@@ -183,3 +188,12 @@ class Custody:
                 self._stop_signalled_at = self._stop_signalled_at or time.monotonic()
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.feed(st.StopRequested(signal.Signals(signum).name))
+
+
+def _on_this_clock(pending: dict | None) -> dict | None:
+    """The recorded upgrade with its down_at (wall-clock, when the afterStop hook began) as state.step
+    counts time: monotonic. Unknown (None) if the wall clock went back."""
+    if not pending or not isinstance(pending.get("down_at"), (int, float)):
+        return pending
+    down_s = time.time() - pending["down_at"]
+    return {**pending, "down_at": time.monotonic() - down_s if down_s >= 0 else None}

@@ -148,9 +148,12 @@ def in_flight(s: State) -> dict | None:
     """The upgrade a broker killed now must resume: from its first stop until the new node answers.
     The broker writes it down (durably) before carrying out the actions of the step that began it."""
     u = s.upgrade
-    if u and u.step in IN_FLIGHT:
-        return {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source}
-    return None
+    if not (u and u.step in IN_FLIGHT):
+        return None
+    pending = {"tag": u.tag, "folder": u.folder, "height": u.height, "source": u.source}
+    if u.step is Step.AFTER_STOP and u.down_at is not None:   # a slow step anyway: its fsync costs nothing
+        pending["down_at"] = u.down_at   # so that a resumed upgrade's downtime starts at the real stop
+    return pending
 
 
 def _winding_down(s: State) -> bool:
@@ -164,7 +167,8 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
     up = b.upgrade
     if up and up["folder"] != b.folder:
         # the previous run was stopping the old binaries for this upgrade: go on from there
-        u = Upgrade(up["tag"], up["height"], up["folder"], source=b.folder, step=Step.STOPPING)
+        u = Upgrade(up["tag"], up["height"], up["folder"], source=b.folder, step=Step.STOPPING,
+                    down_at=up.get("down_at"))
         s = replace(s, phase=Phase.UPGRADING, upgrade=u, running=MappingProxyType(dict(b.adopted)),
                     expected=b.expected or frozenset(b.adopted))
         return _stop_all(s, cfg, now)
@@ -172,7 +176,7 @@ def _boot(s: State, b: Boot, cfg: VisorConfig, now: float) -> Result:
         height = up["height"] if up else b.snapshot_height
         if up:                   # switched before the crash, the new node had not answered: its first start
             s = replace(s, upgrade=Upgrade(up["tag"], up["height"], up["folder"], source=up.get("source", ""),
-                                           step=Step.STARTING))
+                                           step=Step.STARTING, down_at=up.get("down_at")))
         return _start(s, b.folder, height)
     # what the previous run left is adopted: nothing is started, nothing signalled
     s = replace(s, phase=Phase.RUNNING, running=MappingProxyType(dict(b.adopted)),

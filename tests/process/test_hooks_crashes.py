@@ -55,9 +55,14 @@ def test_a_broker_killed_during_after_stop_runs_it_again_at_the_next_start_with_
     body = '[ -e "$VISOR_HOME/again" ] && exit 0\ntrap "" TERM\ntouch "$VISOR_HOME/again"\nsleep 1000\n'
     old = kill_broker_during(home, daemon, events, "afterStop", body, timeout_s=10)
     assert home.current == "genesis"
+    restarted_at = time.time()
     daemon.start()
-    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    completed = events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
     assert [c["hook"] for c in calls(home)] == ["afterStop", "afterStop"] and home.current == TAG
+    # the node was down from the old node's stop, through both runs: not unknown (null), not the second's alone
+    stopped = [e for e in home.node_events() if e["event"] == "stopped" and e["pid"] == old][0]
+    assert completed["downtime_ms"] is not None
+    assert completed["downtime_ms"] >= (restarted_at - stopped["t"]) * 1000
     home.wait_started(2)
     lives = [(e["event"], e["pid"]) for e in home.node_events() if e["event"] in ("started", "stopped")]
     assert lives[:2] == [("started", old), ("stopped", old)] and len(lives) == 3      # never the old node again

@@ -25,17 +25,17 @@ from visor import protocol as p, reexec, report, state as st
 from visor.args import SNAPSHOT_FLAG, segment_query, with_flag
 from visor.binaries import Binaries, become_subreaper
 from visor.config import RunConfig, load_run_config, load_visor_config, runnable
-from visor.errors import ConfigError, HomeError
-from visor.history import FILE_NAME as HISTORY_FILE, History
-from visor.hookrun import Hooks
-from visor.home import Home, read_state_file, switch_current
 from visor.custody import STOP_GRACE_S, Custody
+from visor.errors import ConfigError, HomeError
+from visor.facts import Phase
+from visor.history import FILE_NAME as HISTORY_FILE, History
+from visor.home import Home, read_state_file, switch_current
+from visor.hookrun import Hooks
 from visor.intake import Intake
 from visor.logs import setup_logging
 from visor.notify import Notifier
 from visor.pool import Pool
 from visor.sockets import Sockets
-from visor.state import Phase
 
 log = logging.getLogger("visor")          # workers log under their own names
 

@@ -16,9 +16,9 @@ import time
 
 from visor import adoption, protocol as p, state as st
 from visor.binaries import find_orphan
+from visor.facts import Phase
 from visor.home import write_state_file
 from visor.hookrun import end_leftovers as end_leftover_hooks
-from visor.state import Phase
 
 log = logging.getLogger("visor")
 SPAWN_WORKERS_AFTER_S = 1.0      # the watchers start with the first binary, or after this at the latest

@@ -1,12 +1,15 @@
-"""What goes into state.step besides worker reports (facts) and what comes out of it (actions).
+"""The words of state.step: the state it changes, what goes in besides worker reports (facts) and
+what comes out (actions).
 
-Plain frozen data, no behaviour: the broker builds facts from what it sees (a timer, a signal, the
-previous run's state file) and carries out actions. Worker reports (visor.protocol) are facts too.
+Plain frozen data, no behaviour: the broker holds a State, builds facts from what it sees (a timer, a
+signal, the previous run's state file) and carries out actions. Worker reports (visor.protocol) are
+facts too. state.step alone makes a new State.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -111,3 +114,63 @@ class Exit:
 
 Action = StartBinaries | StopBinaries | SwitchCurrent | Prepare | Prefetch | QuerySegment | RunHook | Schedule \
     | Emit | Exit
+
+
+# --- the state ---------------------------------------------------------------------------------
+
+class Phase(StrEnum):            # exactly the values `visor status` shows
+    STARTING = "starting"
+    RUNNING = "running"
+    UPGRADING = "upgrading"
+    RESTARTING = "restarting"
+    BLOCKED = "blocked"
+    STOPPING = "stopping"
+
+
+class Step(StrEnum):             # where an upgrade is, in order
+    PREPARING = "preparing"      # the fetcher makes the folder ready and verifies it
+    BEFORE_STOP = "beforeStop"   # the beforeStop hook runs; the old binaries still run
+    WAITING = "waiting"          # stopDelaySeconds
+    STOPPING = "stopping"        # old binaries going down
+    AFTER_STOP = "afterStop"     # the afterStop hook runs; nothing runs, `current` not switched yet
+    STARTING = "starting"        # `current` switched; new binaries coming up
+    ANSWERING = "answering"      # the new binaries run (upgrade.completed); waiting for the node's first answer
+    AFTER_START = "afterStart"   # the afterStart hook runs; only reported
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    tag: str
+    height: int
+    folder: str                  # folder name inside the home
+    source: str = ""             # the folder upgraded from
+    step: Step = Step.PREPARING
+    down_at: float | None = None         # when the last old binary was gone
+    downtime_ms: float | None = None     # set when the first new binary started
+    hook_at: float | None = None         # when the running hook started (status shows it)
+
+
+@dataclass(frozen=True)
+class State:
+    phase: Phase = Phase.STARTING
+    folder: str = "genesis"      # the folder `current` points at
+    expected: frozenset[str] = frozenset()                  # binaries of the current run-config
+    running: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # name -> pid, up
+    launching: frozenset[str] = frozenset()                 # told to start, not yet started or failed
+    restarts: int = 0
+    exit_code: int | None = None     # decided early, applied once every binary is down
+    reason: str = ""
+    # As the Go visor: failed upgrade-status calls count against maxNumberOfFirstConnectionRetries until
+    # a crash-restart has happened since the start or the last upgrade, then against the restart budget.
+    first_budget: bool = True
+    rpc_failures: int = 0        # counted failures in a row, at most one per RETRY_SPACING_S
+    rpc_counted_at: float | None = None
+    accepted: tuple[str, int] | None = None
+    upgrade: Upgrade | None = None
+    blocked_reason: str = ""
+    last_upgrade: Mapping[str, Any] | None = None
+    prefetch_failures: int = 0
+    accepted_ready: bool = False     # the accepted release's folder was made ready and verified
+
+
+Result = tuple[State, list[Action]]

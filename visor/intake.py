@@ -17,8 +17,8 @@ import time
 
 from visor import protocol as p, state as st
 from visor.config import RESTART_ONLY, VisorConfig
+from visor.facts import Phase
 from visor.logs import setup_logging
-from visor.state import Phase
 
 log = logging.getLogger("visor")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from visor import __version__
 from visor.config import RunConfig, VisorConfig
+from visor.facts import Phase, State
 from visor.pool import Pool
-from visor.state import Phase, State
 
 
 def status(s: State, cfg: VisorConfig, run_config: RunConfig, binaries: dict, pool: Pool, home: str,

@@ -1,4 +1,4 @@
-"""The broker's state and the one function that changes it: step(state, fact, cfg, now).
+"""The one function that changes the broker's state: step(state, fact, cfg, now).
 
 Pure: no sockets, no clock (the broker passes `now`, a monotonic time), no os. Facts come in (worker
 reports, timers, signals; see visor.facts and visor.protocol); a new state and a list of actions come
@@ -7,81 +7,21 @@ out, and the broker carries them out. tests/unit/test_model.py walks every order
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from visor import protocol as p
 from visor.config import VisorConfig
-from visor.facts import (Action, Boot, Emit, Exit, Launching, Prefetch, Prepare, QuerySegment,  # noqa: F401
-                         RunHook, Schedule, StartBinaries, StopBinaries, StopRequested, SwitchCurrent, Timer)
+from visor.facts import (Action, Boot, Emit, Exit, Launching, Phase, Prefetch, Prepare,  # noqa: F401
+                         QuerySegment, Result, RunHook, Schedule, StartBinaries, State, Step, StopBinaries,
+                         StopRequested, SwitchCurrent, Timer, Upgrade)
 
 UPGRADE_RETRY_S = 3              # a blocked upgrade (folder or hook) is tried again this often
 PREFETCH_BACKOFF_S = (5, 10, 20, 40, 80, 160, 300)
 RETRY_SPACING_S = 2.0            # the Go visor's delay between status calls: a retry budget of N is N·2 s
-
-
-class Phase(StrEnum):            # exactly the values `visor status` shows
-    STARTING = "starting"
-    RUNNING = "running"
-    UPGRADING = "upgrading"
-    RESTARTING = "restarting"
-    BLOCKED = "blocked"
-    STOPPING = "stopping"
-
-
-class Step(StrEnum):             # where an upgrade is, in order
-    PREPARING = "preparing"      # the fetcher makes the folder ready and verifies it
-    BEFORE_STOP = "beforeStop"   # the beforeStop hook runs; the old binaries still run
-    WAITING = "waiting"          # stopDelaySeconds
-    STOPPING = "stopping"        # old binaries going down
-    AFTER_STOP = "afterStop"     # the afterStop hook runs; nothing runs, `current` not switched yet
-    STARTING = "starting"        # `current` switched; new binaries coming up
-    ANSWERING = "answering"      # the new binaries run (upgrade.completed); waiting for the node's first answer
-    AFTER_START = "afterStart"   # the afterStart hook runs; only reported
-
-
 IN_FLIGHT = (Step.STOPPING, Step.AFTER_STOP, Step.STARTING, Step.ANSWERING)   # recorded durably (in_flight)
 RPC_COUNTS = (None, Step.PREPARING, Step.BEFORE_STOP, Step.ANSWERING, Step.AFTER_START)  # the node should answer
-
-
-@dataclass(frozen=True)
-class Upgrade:
-    tag: str
-    height: int
-    folder: str                  # folder name inside the home
-    source: str = ""             # the folder upgraded from
-    step: Step = Step.PREPARING
-    down_at: float | None = None         # when the last old binary was gone
-    downtime_ms: float | None = None     # set when the first new binary started
-    hook_at: float | None = None         # when the running hook started (status shows it)
-
-
-@dataclass(frozen=True)
-class State:
-    phase: Phase = Phase.STARTING
-    folder: str = "genesis"      # the folder `current` points at
-    expected: frozenset[str] = frozenset()                  # binaries of the current run-config
-    running: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # name -> pid, up
-    launching: frozenset[str] = frozenset()                 # told to start, not yet started or failed
-    restarts: int = 0
-    exit_code: int | None = None     # decided early, applied once every binary is down
-    reason: str = ""
-    # As the Go visor: failed upgrade-status calls count against maxNumberOfFirstConnectionRetries until
-    # a crash-restart has happened since the start or the last upgrade, then against the restart budget.
-    first_budget: bool = True
-    rpc_failures: int = 0        # counted failures in a row, at most one per RETRY_SPACING_S
-    rpc_counted_at: float | None = None
-    accepted: tuple[str, int] | None = None
-    upgrade: Upgrade | None = None
-    blocked_reason: str = ""
-    last_upgrade: Mapping[str, Any] | None = None
-    prefetch_failures: int = 0
-    accepted_ready: bool = False     # the accepted release's folder was made ready and verified
-
-
-Result = tuple[State, list[Action]]
 
 
 def step(s: State, fact: Any, cfg: VisorConfig, now: float) -> Result:

@@ -1,4 +1,5 @@
-"""The command line: argparse, one function per subcommand. Turns any VisorError into one line on stderr."""
+"""The command line: argparse, one function per subcommand. Turns any VisorError, and any OSError about a file,
+into one line on stderr."""
 
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ def home_of(path: str | Path, runtime: bool = True) -> Home:
 
 def cmd_init(opts) -> int:
     from visor.home import init_home
-    home = init_home(Path(opts.home), opts.with_data_node)
+    try:
+        home = init_home(Path(opts.home), opts.with_data_node)
+    except OSError as err:                   # under a file, in /proc, a read-only or full disk
+        raise HomeError(f"{Path(opts.home).absolute()}: cannot create the home ({err.strerror}: {err.filename})") \
+            from None
     print(f"created {home.root}: edit genesis/run-config.toml, then `visor run --home {home.root}`")
     return 0
 
@@ -177,6 +182,12 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         return opts.func(opts)
     except VisorError as err:
         print(f"visor: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if not err.filename:
+            raise                            # not about a file: a bug, with its traceback
+        # a file of the home the commands' own checks do not name (H/.visor/lock a folder, ...)
+        print(f"visor: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

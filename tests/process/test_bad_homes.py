@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, end_leftovers, run_cli
 from visor.home import init_home
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,6 +34,7 @@ USES_RUNTIME = {"status", "stop", "restart", "events", "events-history", "run"} 
 def tmp():
     root = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))
     yield root
+    end_leftovers(root)                  # a command that should have refused must have started nothing
     for path in (root, *root.rglob("*")):
         if not path.is_symlink():
             os.chmod(path, 0o700)
@@ -118,3 +119,21 @@ def test_visor_init_names_itself_in_its_usage(tmp):
 def visor_init(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "bin" / "visor-init"), *map(str, args)], capture_output=True,
                           text=True, timeout=20)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
+def test_init_where_no_folder_can_be_made_is_one_line(tmp, where):
+    (tmp / "f").write_text("")
+    home = tmp / "f" / "h" if where == "under-a-file" else Path("/proc/visor-test-nope")
+    for done in (run_cli("init", "--home", home), visor_init("--home", home)):
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"visor: {home}: cannot create the home (") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["status", "stop", "restart", "run"])
+def test_a_file_of_the_runtime_folder_that_cannot_be_opened_is_one_line(tmp, command):
+    """Whatever else inside H/.visor cannot be used: the file and the system's word for it, no traceback."""
+    home = init_home(tmp / "h").root
+    (home / ".visor" / "lock").mkdir()
+    done = run_cli(*COMMANDS[command], "--home", home, timeout_s=30)
+    one_line(done, f"{home}/.visor/lock: Is a directory")

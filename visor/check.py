@@ -55,6 +55,8 @@ def check_home_findings(home: Home) -> Findings:
             continue
         check_run_config(run_config, found)
     check_current(home, found)
+    if problem := runtime_problem(home):
+        found.problems.append(problem)
     if cfg is not None:
         check_upgrade_folders(home, cfg, found)
         check_hooks(home, cfg, found)
@@ -146,7 +148,19 @@ def stat_program(program: Path) -> tuple[int, str]:
     return (mode, "") if stat.S_ISREG(mode) else (0, "not a regular file")
 
 
-# --- the current link and upgrade folders -------------------------------------------------------
+# --- H/.visor, the current link and upgrade folders ----------------------------------------------
+
+def runtime_problem(home: Home) -> str | None:
+    """What keeps H/.visor (sockets, lock, state, history) from being used, in one line; None when it is a
+    usable folder, or not there yet (`visor run` creates it)."""
+    if not os.path.lexists(home.runtime):
+        return None
+    if not home.runtime.is_dir():
+        return f"{home.runtime}: not a folder; Visor keeps its sockets, lock and state there (remove or rename it)"
+    if not os.access(home.runtime, os.R_OK | os.W_OK | os.X_OK):
+        return f"{home.runtime}: not accessible (permission denied)"
+    return None
+
 
 def check_current(home: Home, found: Findings) -> None:
     link = home.current

@@ -1,21 +1,51 @@
-"""The command line: argparse, one function per subcommand. Turns any VisorError into one line on stderr."""
+"""The command line: argparse, one function per subcommand. Turns any VisorError, and any OSError about a file,
+into one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
 from visor import __version__
+from visor.check import runtime_problem
 from visor.config import LOG_LEVELS
-from visor.errors import VisorError
+from visor.errors import HomeError, VisorError
 from visor.home import Home
+
+
+def home_of(path: str | Path, runtime: bool = True) -> Home:
+    """The home --home names, once it is a folder this user can use: every command but init says the
+    same one line about a bad one, before anything can fail on a path inside it. runtime: the command
+    uses H/.visor (sockets, lock, state, history), which must then be a usable folder if it exists
+    (`run` creates it)."""
+    home = Home(Path(path).absolute())
+    try:
+        mode = os.stat(home.root).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise HomeError(f"{home.root}: home folder not found (create it with `visor-init --home {home.root}`)") \
+            from None
+    except PermissionError:
+        raise HomeError(f"{home.root}: not accessible (permission denied)") from None
+    if not stat.S_ISDIR(mode):
+        raise HomeError(f"{home.root}: not a folder; --home names a Visor home folder")
+    if not os.access(home.root, os.R_OK | os.X_OK):
+        raise HomeError(f"{home.root}: not accessible (permission denied)")
+    if runtime and (problem := runtime_problem(home)):
+        raise HomeError(problem)
+    return home
 
 
 def cmd_init(opts) -> int:
     from visor.home import init_home
-    home = init_home(Path(opts.home), opts.with_data_node)
+    try:
+        home = init_home(Path(opts.home), opts.with_data_node)
+    except OSError as err:                   # under a file, in /proc, a read-only or full disk
+        raise HomeError(f"{Path(opts.home).absolute()}: cannot create the home ({err.strerror}: {err.filename})") \
+            from None
     print(f"created {home.root}: edit genesis/run-config.toml, then `visor run --home {home.root}`")
     return 0
 
@@ -24,12 +54,12 @@ def cmd_run(opts) -> int:
     from visor.broker import Broker
     from visor.linux import require_kernel
     require_kernel()
-    return Broker(Home(Path(opts.home).absolute()), opts.log_level).run()
+    return Broker(home_of(opts.home), opts.log_level).run()
 
 
 def cmd_status(opts) -> int:
     from visor.control import ask_status, render_status
-    home = Home(Path(opts.home).absolute())
+    home = home_of(opts.home)
     try:
         status = ask_status(home)
     except VisorError:
@@ -51,29 +81,29 @@ def cmd_stop(opts) -> int:
               "daemon to adopt")
         return 0
     from visor.daemonctl import stop
-    return stop(Home(Path(opts.home).absolute()))
+    return stop(home_of(opts.home))
 
 
 def cmd_restart(opts) -> int:
     from visor.daemonctl import restart
-    return restart(Home(Path(opts.home).absolute()))
+    return restart(home_of(opts.home))
 
 
 def cmd_events(opts) -> int:
     from visor.control import print_events
     from visor.history import parse_duration
     since_s = parse_duration(opts.since) if opts.since is not None else None
-    return print_events(Home(Path(opts.home).absolute()), opts.json, since_s, follow=not opts.no_follow)
+    return print_events(home_of(opts.home), opts.json, since_s, follow=not opts.no_follow)
 
 
 def cmd_fetch(opts) -> int:
     from visor.releases import fetch_command
-    return fetch_command(Home(Path(opts.home).absolute()), opts.tag)
+    return fetch_command(home_of(opts.home, runtime=False), opts.tag)
 
 
 def cmd_check(opts) -> int:
     from visor.check import check_home_findings
-    problems, warnings = check_home_findings(Home(Path(opts.home).absolute()))
+    problems, warnings = check_home_findings(home_of(opts.home, runtime=False))
     for line in problems + warnings:         # warnings are printed too, but never change the exit code
         print(line)
     if not problems:
@@ -94,13 +124,20 @@ def _home_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", required=True, help="the Visor home folder")
 
 
+INIT_HELP = "create a new home folder"
+
+
+def _init_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _home_arg(parser)
+    parser.add_argument("--with-data-node", action="store_true", help="include a data node in the run-configs")
+    parser.set_defaults(func=cmd_init)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visor", description="Runs a Vega node and carries it through upgrades.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    init = sub.add_parser("init", help="create a new home folder")
-    _home_arg(init)
-    init.add_argument("--with-data-node", action="store_true", help="include a data node in the run-configs")
-    init.set_defaults(func=cmd_init)
+    _init_args(sub.add_parser("init", help=INIT_HELP))
     run = sub.add_parser("run", help="run the node binaries in the foreground")
     _home_arg(run)
     run.add_argument("--log-level", choices=LOG_LEVELS,
@@ -139,17 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    opts = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    opts = (parser or build_parser()).parse_args(argv)
     try:
         return opts.func(opts)
     except VisorError as err:
         print(f"visor: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if not err.filename:
+            raise                            # not about a file: a bug, with its traceback
+        # a file of the home the commands' own checks do not name (H/.visor/lock a folder, ...)
+        print(f"visor: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 def init_main(argv: list[str] | None = None) -> int:
-    """`visor-init`: the same as `visor init`."""
-    return main(["init", *(sys.argv[1:] if argv is None else argv)])
+    """`visor-init`: the same as `visor init`, under its own name in its usage and errors."""
+    return main(argv, _init_args(argparse.ArgumentParser(prog="visor-init", description=INIT_HELP)))

@@ -39,17 +39,27 @@ def no_daemon(home: Home):
         yield True
 
 
-def stop(home: Home) -> int:
-    stop_timeout_s = _stop_timeout_s(home)
+def ask_daemon(home: Home, msg: p.Message, if_none, hung_hint: str, stop_timeout_s: float) -> p.Message | None:
+    """The daemon's reply to msg. With no daemon up, calls if_none() while holding the home's lock (it may
+    raise) and returns None. A daemon that holds the lock but answers nothing for as long as a busy one
+    may take is hung: VisorError, hung_hint saying what to do."""
     deadline = time.monotonic() + stop_timeout_s + BUSY_DAEMON_S
-    while (reply := ask(home, p.StopRequest())) is None:
+    while (reply := ask(home, msg)) is None:
         with no_daemon(home) as none:
             if none:
-                return _end_leftovers(home, stop_timeout_s)
+                if_none()
+                return None
         if time.monotonic() > deadline:         # it holds the lock but never answers: hung
             raise VisorError(f"{home.runtime / 'control.sock'}: the daemon of {home.root} runs but does not "
-                             f"answer; SIGTERM it (or SIGKILL, then `visor stop` again)")
-    return _wait_gone(home, reply.pid)
+                             f"answer; {hung_hint}")
+    return reply
+
+
+def stop(home: Home) -> int:
+    stop_timeout_s, ended = _stop_timeout_s(home), []
+    reply = ask_daemon(home, p.StopRequest(), lambda: ended.append(_end_leftovers(home, stop_timeout_s)),
+                       "SIGTERM it (or SIGKILL, then `visor stop` again)", stop_timeout_s)
+    return ended[0] if reply is None else _wait_gone(home, reply.pid)
 
 
 def _end_leftovers(home: Home, stop_timeout_s: float) -> int:
@@ -77,9 +87,8 @@ def _wait_gone(home: Home, pid: int) -> int:
 
 
 def restart(home: Home) -> int:
-    before = ask(home, p.StatusRequest())
-    if before is None:
-        raise VisorError(f"no visor runs for {home.root} (nothing to restart; start it with `visor run`)")
+    before = ask_daemon(home, p.StatusRequest(), lambda: _nothing_to_restart(home),
+                        "SIGKILL it, then `visor run` again: the new run adopts its binaries", _stop_timeout_s(home))
     pid, started = before.status["visor"]["pid"], before.status["visor"].get("started_at")
     ask(home, p.RestartRequest())
     deadline = time.monotonic() + RESTART_TIMEOUT_S
@@ -92,6 +101,10 @@ def restart(home: Home) -> int:
             raise VisorError(f"the daemon of {home.root} (pid {pid}) exited during the restart; see its log")
         time.sleep(0.05)
     raise VisorError(f"the daemon of {home.root} did not answer within {RESTART_TIMEOUT_S:g}s of the restart")
+
+
+def _nothing_to_restart(home: Home) -> None:
+    raise VisorError(f"no visor runs for {home.root} (nothing to restart; start it with `visor run`)")
 
 
 def unsupervised(home: Home) -> str | None:
@@ -111,5 +124,5 @@ def unsupervised(home: Home) -> str | None:
 def _stop_timeout_s(home: Home) -> float:
     try:
         return float(load_visor_config(home.config)[0].stop_timeout_s)
-    except ConfigError:
+    except (ConfigError, OSError):               # OSError: one read_toml does not name (a link loop, EIO)
         return 15.0                              # a broken config must not keep `visor stop` from stopping

@@ -42,6 +42,8 @@ def _may_send(worker: str, msg: p.Message) -> bool:
 
 
 class Intake:
+    _warned: frozenset[str] | None = None    # the config.toml warnings last logged; None: none since start
+
     def _on_worker_frames(self) -> None:
         for identity, msg in self.sockets.reports():
             worker = self.pool.by_identity(identity)
@@ -105,14 +107,14 @@ class Intake:
             self.feed(msg)
 
     def _reload(self, values: dict, warnings: list[str]) -> None:
-        for warning in warnings:
-            log.warning("%s", warning)
         try:
             new = VisorConfig(**values)
         except TypeError as err:
+            self._warn(warnings, as_at_start=False)
             self.emit("config.rejected", error=f"{self.home.config}: {err}")
             return
         changed = self._file_cfg.changed_keys(new)
+        self._warn(warnings, as_at_start=not changed and not self._rejected)
         if not changed and not self._rejected:
             return                                   # e.g. a restarted config watcher's first report
         self._file_cfg, self._rejected = new, False
@@ -129,6 +131,17 @@ class Intake:
         self.emit("config.reloaded", changed=changed, restart_required=pending)
         if pending:
             log.warning("config: %s take effect at the next start of `visor run`", ", ".join(pending))
+
+    def _warn(self, warnings: list[str], as_at_start: bool) -> None:
+        """Logs each warning (an unknown key) once: the broker logged those of the file it started on, and
+        the config watcher's first report is of that file again, unless an edit came in between. So a
+        first report that says what start-up loaded (as_at_start) is taken to have been warned about."""
+        if self._warned is None and as_at_start:
+            self._warned = frozenset(warnings)
+        for warning in warnings:
+            if warning not in (self._warned or ()):
+                log.warning("%s", warning)
+        self._warned = frozenset(warnings)
 
     def _answer(self, request: p.Message) -> p.Message:
         match request:

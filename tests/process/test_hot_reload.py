@@ -141,3 +141,19 @@ def test_a_log_level_given_on_the_command_line_wins_over_an_edit_of_log_level(ho
     events.wait_for("binary.started", timeout_s=10)
     assert daemon.stop() == 0
     assert " DEBUG " not in daemon.stderr and " INFO " not in daemon.stderr
+
+
+@pytest.mark.timeout(60)
+def test_an_unknown_key_is_warned_about_once_and_a_new_one_when_it_comes(home, daemon, events):
+    """At start the broker warns; the config watcher's first report, of the same file, must not warn again."""
+    config = home.root / "config.toml"
+    config.write_text("fooBar = 1\n" + config.read_text())
+    start(daemon)
+    wait_until(lambda: f"{config}: loaded" in daemon.stderr, what="the config watcher's first report")
+    replace_config(home, "barBaz = 2\n" + config.read_text())       # reported after the first report
+    wait_until(lambda: "unknown key 'barBaz' ignored" in daemon.stderr, what="the warning about barBaz")
+    home.set_config(maxNumberOfRestarts=7)                           # an edit of a known key: no new warning
+    events.wait_for("config.reloaded", timeout_s=5)
+    assert daemon.stop() == 0
+    assert daemon.stderr.count("unknown key 'fooBar' ignored") == 1, daemon.stderr
+    assert daemon.stderr.count("unknown key 'barBaz' ignored") == 1, daemon.stderr

@@ -86,6 +86,23 @@ def test_restart_with_no_daemon_is_one_line(home):
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no visor runs" in done.stderr
 
 
+def test_restart_of_a_daemon_that_runs_but_does_not_answer_says_so(home, daemon):
+    home.set_config(stopSignalTimeoutSeconds=1)       # how long a busy daemon may take to answer, plus 10 s
+    daemon.start()
+    daemon.wait_running()
+    os.kill(daemon.proc.pid, signal.SIGSTOP)          # it holds the home's lock, and answers nothing
+    try:
+        done = run_cli("restart", "--home", home.root, timeout_s=40)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"visor: {home.root}/.visor/control.sock: the daemon of {home.root} runs but "
+                                  "does not answer; "), done.stderr
+    assert daemon.wait_running()["visor"]["pid"] == daemon.proc.pid      # untouched, once it runs again
+    assert run_cli("stop", "--home", home.root).returncode == 0
+    assert daemon.wait_exit(15) == 0
+
+
 def test_stop_asks_the_daemon_and_waits_until_it_has_exited(home, daemon, events):
     daemon.start()
     daemon.wait_running()

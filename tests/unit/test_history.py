@@ -178,7 +178,9 @@ def test_the_cli_says_what_is_wrong_with_a_duration_or_a_home(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == "visor: --since 'yesterday': not a duration; use a number and a unit: 90s, 15m, 2h or 7d\n"
     done = run_cli("events", "--home", tmp_path / "nope", "--no-follow")
-    assert done.returncode == 1 and done.stderr == f"visor: {tmp_path / 'nope'}: home folder not found\n"
+    nope = tmp_path / "nope"            # as every other command says it
+    assert done.returncode == 1 and done.stderr == f"visor: {nope}: home folder not found " \
+                                                   f"(create it with `visor-init --home {nope}`)\n"
 
 
 class _Dropped:

@@ -52,6 +52,7 @@ class Broker(Intake, Custody):
         self._rejected = False           # the file on disk is not the config that runs
         for warning in warnings:
             log.warning("%s", warning)
+        self._warned = frozenset(warnings)   # the config watcher's first report repeats them: said once
         self.run_config = self._load_current()
         self.state = st.State()
         self.binaries = Binaries()

@@ -195,6 +195,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, "not valid TOML (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, f"not valid TOML ({err})") from None
+    except OSError as err:                   # a folder in its path is a file, a link loop, an I/O error
+        raise ConfigError(path, f"not readable ({err.strerror or err})") from None
 
 
 MAX_INT = 10**12

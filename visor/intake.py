@@ -42,7 +42,7 @@ def _may_send(worker: str, msg: p.Message) -> bool:
 
 
 class Intake:
-    _warned: frozenset[str] | None = None    # the config.toml warnings last logged; None: none since start
+    _warned: frozenset[str] = frozenset()    # the config.toml warnings last logged (the broker's at start)
 
     def _on_worker_frames(self) -> None:
         for identity, msg in self.sockets.reports():
@@ -110,11 +110,11 @@ class Intake:
         try:
             new = VisorConfig(**values)
         except TypeError as err:
-            self._warn(warnings, as_at_start=False)
+            self._warn(warnings)
             self.emit("config.rejected", error=f"{self.home.config}: {err}")
             return
         changed = self._file_cfg.changed_keys(new)
-        self._warn(warnings, as_at_start=not changed and not self._rejected)
+        self._warn(warnings)
         if not changed and not self._rejected:
             return                                   # e.g. a restarted config watcher's first report
         self._file_cfg, self._rejected = new, False
@@ -132,14 +132,11 @@ class Intake:
         if pending:
             log.warning("config: %s take effect at the next start of `visor run`", ", ".join(pending))
 
-    def _warn(self, warnings: list[str], as_at_start: bool) -> None:
-        """Logs each warning (an unknown key) once: the broker logged those of the file it started on, and
-        the config watcher's first report is of that file again, unless an edit came in between. So a
-        first report that says what start-up loaded (as_at_start) is taken to have been warned about."""
-        if self._warned is None and as_at_start:
-            self._warned = frozenset(warnings)
+    def _warn(self, warnings: list[str]) -> None:
+        """Logs each warning (an unknown key) once while it lasts: the broker logged those of the file it
+        started on, and the config watcher's first report is of that file again."""
         for warning in warnings:
-            if warning not in (self._warned or ()):
+            if warning not in self._warned:
                 log.warning("%s", warning)
         self._warned = frozenset(warnings)
 

@@ -60,6 +60,18 @@ class Binaries(dict[str, TrackedBinary]):
         del self[msg.name]
         return True
 
+    def reaped(self, msg: p.BinaryExited) -> p.BinaryExited:
+        """A runner's report of an exit it could not know the code of (not its child): the real code if the
+        binary is ours (handed over by `visor restart`), reaped here; else the report as it is."""
+        b = self[msg.name]
+        if b.pid != msg.pid:
+            return msg
+        try:
+            pid, status = os.waitpid(b.pid, os.WNOHANG)
+        except ChildProcessError:
+            return msg                               # init's (its parent died): nobody can know the code
+        return p.BinaryExited(name=msg.name, pid=msg.pid, exitcode=os.waitstatus_to_exitcode(status)) if pid else msg
+
     def reap_orphans(self, worker_pids: set[int]) -> list[p.BinaryExited]:
         """Binaries whose runner died are our children now (subreaper): reap the ones that ended."""
         import psutil

@@ -113,6 +113,8 @@ class Custody:
             self._send(name, self.assignments[name])
 
     def _forget_binary(self, msg: p.BinaryExited) -> None:
+        if msg.exitcode == p.UNKNOWN_EXIT and msg.name in self.binaries:   # unknown to its runner; ours?
+            msg = self.binaries.reaped(msg)
         if not self.binaries.forget(msg):
             return                                   # already reported by the other side
         if not self.binaries:

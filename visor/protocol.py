@@ -15,6 +15,7 @@ import msgpack
 from visor.errors import ProtocolError
 
 VERSION = 2                      # 2: runners outlive the broker (Welcome, Holding, HandOver)
+UNKNOWN_EXIT = -1                # BinaryExited.exitcode of a binary whose parent was not the reporter
 MAX_FRAME_BYTES = 1 << 20        # bigger frames are refused by the sockets themselves (ZMQ_MAXMSGSIZE)
 
 # --- every worker -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from visor.errors import NodeError
 from visor.worker import IDENTITY_ENV, STOP_SIGNALS, BrokerLink, BrokerLost, Readable, parse_worker_args
 
 ORPHAN_LEAVE_S = 60.0            # a binary ended with no broker up: its report waits this long for one
-UNKNOWN_EXIT = -1                # the exit code of a binary that was not our child (adopted) is not ours
+UNKNOWN_EXIT = protocol.UNKNOWN_EXIT   # the exit code of a binary that was not our child (adopted) is not ours
 
 
 class HeldBinary:
@@ -101,16 +101,18 @@ class Runner:
         return [self.held.holding(self.name)] if self.held else []
 
     def on_exit(self, link: BrokerLink) -> None:
-        """The binary has ended: report it (an adopted one is reaped and reported by the broker, its
-        parent), or hold the report for the next broker."""
+        """The binary has ended: report it, or hold the report for the next broker. An adopted binary is
+        not our child: its code is unknown here (-1); the broker, if it is the parent, reaps the real one,
+        and otherwise (init took it: a broker killed after a `visor restart`) -1 is all anyone can know."""
         held = self.held
         code = held.proc.reap()
         held.proc.close()
         held.kill_at = float("inf")              # nothing left to kill
-        if link.broker_up and (code is None or link.send(protocol.BinaryExited(self.name, held.pid, code))):
+        code = UNKNOWN_EXIT if code is None else code
+        if link.broker_up and link.send(protocol.BinaryExited(self.name, held.pid, code)):
             self.held = None
             return
-        held.exitcode = UNKNOWN_EXIT if code is None else code
+        held.exitcode = code
         self.leave_at = time.monotonic() + ORPHAN_LEAVE_S
 
     def step(self, link: BrokerLink, msg) -> int | None:

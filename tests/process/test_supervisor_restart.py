@@ -172,3 +172,21 @@ def test_restart_after_a_crash_keeps_the_node_its_adopted_runner_still_holds(hom
     assert events.wait_for("binary.exited", pid=node)["exitcode"] == -9
     assert home.wait_started(2)
     assert daemon.stop() == 0
+
+
+def test_a_node_handed_over_by_a_restart_stays_supervised_after_a_crash_of_visor(home, daemon, events):
+    # regression: after `visor restart` the node is the daemon's child; once the daemon is killed -9 it is
+    # init's, and its runner (which adopted it) said nothing when it ended: status said running for ever
+    daemon.start()
+    node = daemon.wait_running()["binaries"]["vega"]["pid"]
+    assert run_cli("restart", "--home", home.root).returncode == 0
+    daemon.wait_running()
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    daemon.start()
+    wait_until(lambda: (s := daemon.status())["visor"]["state"] == "running" and s["binaries"]["vega"]["pid"] == node,
+               what="the node adopted", timeout_s=10)
+    os.kill(node, signal.SIGKILL)
+    assert events.wait_for("binary.exited", pid=node)["exitcode"] == -1       # init reaped it: code unknown
+    events.wait_for("binary.restart_scheduled", restarts=1)
+    assert home.wait_started(2) and daemon.stop() == 0

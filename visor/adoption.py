@@ -8,8 +8,8 @@ pids, no signal. Whatever does not come back is ended cleanly (stopper.end: SIGT
 stopSignalTimeoutSeconds) before anything is started:
 - a recorded runner that stays silent, or speaks another protocol version (it cannot be commanded),
   and its binary;
-- a recorded binary no runner holds, unless it is our own child (after `visor restart`, or a runner
-  of ours killed): then a new runner adopts it;
+- nothing else recorded: a recorded binary whose runner was already gone (our child after `visor restart`, or init's
+  when its runner died too) is adopted by a new runner, never stopped for that;
 - a process running a binary of the current run-config that nothing records (a runner and its
   broker both killed between the start and its record): looked for only after an unclean end.
 Never two copies. A pid is never signalled unless its recorded start time matches (stopper.pin).
@@ -37,7 +37,7 @@ ADOPT_WAIT_S = 3.0               # a live runner says hello within ~0.6 s (100 m
 @dataclass
 class Found:
     binaries: dict[str, TrackedBinary] = field(default_factory=dict)   # held by runners that came back
-    orphans: dict[str, TrackedBinary] = field(default_factory=dict)    # our children: a new runner adopts
+    orphans: dict[str, TrackedBinary] = field(default_factory=dict)    # no runner: a new one adopts each
     exits: list[p.BinaryExited] = field(default_factory=list)          # ended while no broker was up
 
     def pids(self) -> dict[str, int]:
@@ -55,7 +55,7 @@ def adopt(record: dict, sockets, pool, stop_timeout_s: float, expected: dict[str
     pinned = {name: proc for name, r in runners.items() if (proc := stopper.pin(r.get("pid", 0), r.get("create_time")))}
     holding, exits, foreign = _wait_for(sockets, {runners[n]["identity"]: n for n in pinned}, pinned)
     found = Found()
-    to_kill = []
+    to_kill, ended = [], set()                   # ended: binaries whose runner we end (so them too)
     for name, proc in pinned.items():
         r, h = runners[name], holding.get(name)
         if h is not None and name not in foreign and not proc.ended() and pool.adopt(
@@ -66,11 +66,15 @@ def adopt(record: dict, sockets, pool, stop_timeout_s: float, expected: dict[str
                 found.exits.append(exits[name])
             proc.close()
             continue
+        if proc.ended() and name not in foreign:  # dead (a zombie init has not reaped): its binary is adopted
+            proc.close()
+            continue
         why = f"speaks protocol version {foreign[name]} (this visor: {p.VERSION}), so it cannot be commanded" \
             if name in foreign else f"did not come back within {ADOPT_WAIT_S:g}s"
         log.warning("%s (pid %d) of the previous run %s: ending it; its binary is stopped and started again",
                     name, proc.pid, why)
         to_kill.append(proc)                     # its binary is ended cleanly below, not through it
+        ended.add(name.partition(":")[2])
     stopper.kill(to_kill)                        # gone before we ask who is whose parent
     held = {b.pid for b in found.binaries.values()}
     to_end = []
@@ -79,14 +83,19 @@ def adopt(record: dict, sockets, pool, stop_timeout_s: float, expected: dict[str
             continue
         if (proc := stopper.pin(r.get("pid", 0), r.get("create_time"), group=True)) is None:
             continue
-        if _parent(proc.pid) == os.getpid():    # handed over to us (`visor restart`): ours to adopt
-            found.orphans[name] = TrackedBinary(name, proc.pid, r["path"], list(r["args"]), r["started_at"], 0,
-                                                r["create_time"])
-            proc.close()
+        if name in ended:
+            log.warning("%s (pid %d) of the previous run: its runner did not come back; stopping it before "
+                        "anything starts", name, proc.pid)
+            to_end.append(proc)
             continue
-        log.warning("%s (pid %d) of the previous run has no runner: stopping it before anything starts",
-                    name, proc.pid)
-        to_end.append(proc)
+        # handed over to us (`visor restart`), or init's (its runner and our predecessor both died): a
+        # healthy node is never stopped for that; a new runner adopts it (init's: its exit code unknown)
+        if _parent(proc.pid) != os.getpid():
+            log.warning("%s (pid %d) of the previous run lost its runner and is no longer our child: a new "
+                        "runner adopts it (its exit code will be unknown)", name, proc.pid)
+        found.orphans[name] = TrackedBinary(name, proc.pid, r["path"], list(r["args"]), r["started_at"], 0,
+                                            r["create_time"])
+        proc.close()
     if unclean(record):
         known = {pr.pid for pr in to_end} | set(found.pids().values())
         for name, (path, args) in expected.items():

@@ -97,10 +97,20 @@ def restart(home: Home) -> int:
         if reply is not None and reply.status["visor"].get("started_at") != started:
             print(f"{home.root}: restarted in place (pid {reply.status['visor']['pid']}); the binaries kept running")
             return 0
-        if reply is None and not os.path.exists(f"/proc/{pid}"):
+        if reply is None and _ended(pid):
             raise VisorError(f"the daemon of {home.root} (pid {pid}) exited during the restart; see its log")
         time.sleep(0.05)
     raise VisorError(f"the daemon of {home.root} did not answer within {RESTART_TIMEOUT_S:g}s of the restart")
+
+
+def _ended(pid: int) -> bool:
+    """The process has exited (a zombie whose parent has not reaped it yet has too)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(b")") + 2:].startswith(b"Z")
 
 
 def _nothing_to_restart(home: Home) -> None:

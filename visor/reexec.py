@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 
-from visor import protocol as p, stopper
+from visor import faults, protocol as p, stopper
 
 log = logging.getLogger("visor")
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -52,6 +52,8 @@ def restart_in_place(broker, environ: dict[str, str]) -> None:
         if f"runner:{b.name}" not in staying:
             b.runner_pid = 0
     broker.record_state(durable=True)           # binaries, no runners: what the new process adopts
+    if faults.fires("restart-dies-before-exec"):
+        os._exit(9)                              # as a kill -9 here: the binaries go to init, runnerless
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     broker.sockets.answer_control(lambda request: _answer(broker, request))   # as late as can be
     broker.sockets.close(linger_s=0.5)         # the replies leave first

@@ -190,3 +190,21 @@ def test_a_node_handed_over_by_a_restart_stays_supervised_after_a_crash_of_visor
     assert events.wait_for("binary.exited", pid=node)["exitcode"] == -1       # init reaped it: code unknown
     events.wait_for("binary.restart_scheduled", restarts=1)
     assert home.wait_started(2) and daemon.stop() == 0
+
+
+def test_a_restart_killed_after_the_hand_over_leaves_a_node_the_next_run_adopts_not_stops(
+        home, daemon, events, monkeypatch):
+    # regression: killed between the hand-over and its exec, the daemon left the node to init with no
+    # runner, and the next run stopped it as "no runner": a healthy node stopped for a supervisor's crash
+    monkeypatch.setenv("VISOR_FAULT", f"restart-dies-before-exec:{home.root}/fault-fired")
+    daemon.start()
+    node = daemon.wait_running()["binaries"]["vega"]["pid"]
+    assert run_cli("restart", "--home", home.root).returncode == 1
+    assert daemon.proc.wait(10) == 9
+    daemon.start()
+    wait_until(lambda: (s := daemon.status())["visor"]["state"] == "running" and s["binaries"]["vega"]["pid"] == node,
+               what="the node adopted", timeout_s=10)
+    assert lifecycle(home) == ["started"]
+    os.kill(node, signal.SIGKILL)
+    assert events.wait_for("binary.exited", pid=node)["exitcode"] == -1       # init's now: code unknown
+    assert home.wait_started(2) and daemon.stop() == 0

@@ -10,9 +10,10 @@ of older code that does not know HandOver) is killed: its binary is ours then to
 records the binaries and the runners that stay, and the process executes the same command line on the
 code now installed. The new process adopts its own children with new runners (adoption.py, Found.orphans).
 
-Stop signals are blocked across the exec (a blocked signal stays pending through execve) and unblocked
-once the new process has its handlers (unblock_stop_signals): a SIGTERM in between is not lost, and
-does not kill the new process before it can stop the binaries in order.
+Stop signals are blocked from the start of the hand-over to the exec (a blocked signal stays pending
+through execve) and unblocked once the new process has its handlers (unblock_stop_signals): a SIGTERM
+in between is not lost (the new process stops, in order), and one the old process had already taken
+but not acted on is raised again, pending too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def unblock_stop_signals() -> None:
 def restart_in_place(broker, environ: dict[str, str]) -> None:
     """Never returns: hands the binaries over to this process, then execs `visor run` again."""
     pool = broker.pool
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)    # from now to the new code's handlers: pending
+    for signum in broker.sockets.signals():     # one handled already but not yet acted on: pending too
+        if signum in STOP_SIGNALS:
+            os.kill(os.getpid(), signum)
     log.info("restarting in place (pid %d): the node binaries keep running", os.getpid())
     staying = frozenset(name for name, w in pool.workers.items() if w.alive and w.adopted)
     for name, w in pool.workers.items():
@@ -54,7 +59,6 @@ def restart_in_place(broker, environ: dict[str, str]) -> None:
     broker.record_state(durable=True)           # binaries, no runners: what the new process adopts
     if faults.fires("restart-dies-before-exec"):
         os._exit(9)                              # as a kill -9 here: the binaries go to init, runnerless
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     broker.sockets.answer_control(lambda request: _answer(broker, request))   # as late as can be
     broker.sockets.close(linger_s=0.5)         # the replies leave first
     broker.notifier.close()

@@ -208,3 +208,20 @@ def test_a_restart_killed_after_the_hand_over_leaves_a_node_the_next_run_adopts_
     os.kill(node, signal.SIGKILL)
     assert events.wait_for("binary.exited", pid=node)["exitcode"] == -1       # init's now: code unknown
     assert home.wait_started(2) and daemon.stop() == 0
+
+
+def test_a_sigterm_during_the_hand_over_of_a_restart_is_not_lost(home, daemon, events, monkeypatch):
+    # regression: the old code took the signal and exec'd: the restarted daemon ran on (systemctl stop
+    # during a reload was ignored). A runner ignoring HandOver holds the restart there for 3 s.
+    monkeypatch.setenv("VISOR_FAULT", f"runner-ignores-handover:{home.root}/fault-fired")
+    daemon.start()
+    daemon.wait_running()
+    restart = threading.Thread(target=run_cli, args=("restart", "--home", home.root), kwargs={"timeout_s": 30})
+    restart.start()
+    try:
+        wait_until(lambda: "restarting in place" in daemon.stderr, what="the hand-over")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(30) == 0                      # the new code took it, and stopped in order
+        assert lifecycle(home) == ["started", "stopped"]
+    finally:
+        restart.join(35)

@@ -17,7 +17,7 @@ import time
 
 from visor import protocol as p, state as st
 from visor.config import RESTART_ONLY, VisorConfig
-from visor.facts import Phase
+from visor.facts import Phase, Step
 from visor.logs import setup_logging
 
 log = logging.getLogger("visor")
@@ -40,6 +40,9 @@ def _may_send(worker: str, msg: p.Message) -> bool:
         return False
     return getattr(msg, "name", binary) == binary     # a runner speaks only of its own binary
 
+
+# the steps of an upgrade a `visor restart` is refused in: from the first stop until the new node runs
+UNINTERRUPTIBLE = (Step.STOPPING, Step.AFTER_STOP, Step.STARTING)
 
 class Intake:
     _warned: frozenset[str] = frozenset()    # the config.toml warnings last logged (the broker's at start)
@@ -150,6 +153,10 @@ class Intake:
                 return p.Accepted(pid=os.getpid())
             case p.RestartRequest() if self.state.phase is Phase.STOPPING:
                 return p.ErrorReply(error="stopping; a restart is not possible now")
+            case p.RestartRequest() if (u := self.state.upgrade) and (u.step in UNINTERRUPTIBLE or self.hooks.running):
+                # it would end a running hook (a backup started over) or send the old node's stop again
+                return p.ErrorReply(error=f"upgrading to {u.tag} ({u.step}); a restart now would interrupt it: "
+                                          "ask again once the upgrade has completed")
             case p.RestartRequest():
                 self._reexec, self.exit = True, (0, "restart requested")
                 return p.Accepted(pid=os.getpid())

@@ -219,3 +219,18 @@ def test_the_example_hooks_back_up_the_node_state_and_notify_a_webhook(home, dae
     assert webhook.posts == [{"tag": TAG, "height": HEIGHT, "hook": "afterStart", "home": root,
                               "from": f"{root}/genesis", "to": f"{root}/{TAG}"}]
     assert str(backup) in daemon.stderr                          # the hooks' output is Visor's
+
+
+@pytest.mark.timeout(60)
+def test_visor_restart_is_refused_while_an_upgrade_is_in_flight_and_the_hook_runs_once(home, daemon, events):
+    # a restart would end the hook (a long backup started over) and send the stop again: not now
+    set_hooks(home, afterStop={"path": write_hook(home, "slow", "sleep 2")})
+    start(home, daemon)
+    home.announce(TAG, HEIGHT, ready=True)
+    events.wait_for("hook.started", hook="afterStop")
+    done = run_cli("restart", "--home", home.root)
+    assert done.returncode == 1 and done.stderr.strip() == \
+        "visor: visor refused the request: upgrading to v0.73.0 (afterStop); a restart now would " \
+        "interrupt it: ask again once the upgrade has completed"
+    events.wait_for("upgrade.completed", timeout_s=20, tag=TAG)
+    assert len(events.of("hook.started", hook="afterStop")) == 1 and len(calls(home, "afterStop")) == 1

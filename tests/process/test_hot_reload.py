@@ -99,9 +99,11 @@ def test_rapid_successive_edits_end_with_the_last(home, daemon, events):
     for n in range(10, 21):                          # eleven writes within a few milliseconds
         home.set_config(maxNumberOfRestarts=n)
     wait_until(lambda: max_restarts(daemon) == 20, what="restarts.max 20", timeout_s=5)
-    # settled: at most a couple of reloads for the whole burst, and the last one says 20
+    # settled: at most a couple of reloads for the whole burst, and the last one says 20. Each write
+    # truncates then writes (as `cat >` does): a read in between finds the file empty, which is rejected
+    # as half-written (the running config stays), never applied; nothing else is rejected
     assert 1 <= len(events.of("config.reloaded")) <= 3
-    assert events.of("config.rejected") == []
+    assert all("is empty (half-written?)" in e["error"] for e in events.of("config.rejected"))
 
 
 @pytest.mark.timeout(60)

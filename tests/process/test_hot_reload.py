@@ -34,6 +34,13 @@ def replace_config(home, text: str) -> None:
     os.replace(tmp, home.root / "config.toml")
 
 
+def first_rejection(events) -> str:
+    """The first config.rejected error that is not the file caught empty between the truncate and the
+    write of an in-place edit (on a loaded machine a read can fall there; rejecting it is right)."""
+    return wait_until(lambda: [e["error"] for e in events.of("config.rejected") if "is empty" not in e["error"]],
+                      what="a config.rejected", timeout_s=5)[0]
+
+
 @pytest.mark.timeout(60)
 def test_an_edit_in_place_is_applied_and_shows_in_status(home, daemon, events):
     start(daemon)
@@ -63,7 +70,7 @@ def test_invalid_toml_is_rejected_naming_file_and_line_and_the_old_config_stays(
     home.set_config(maxNumberOfRestarts=5)
     events.wait_for("config.reloaded", timeout_s=5)
     (home.root / "config.toml").write_text("maxNumberOfRestarts = 6\nrestartsDelaySeconds = = 1\n")
-    error = events.wait_for("config.rejected", timeout_s=5)["error"]
+    error = first_rejection(events)
     assert error.startswith(f"{home.root}/config.toml: not valid TOML")
     assert "line 2" in error
     assert max_restarts(daemon) == 5
@@ -74,7 +81,7 @@ def test_invalid_toml_is_rejected_naming_file_and_line_and_the_old_config_stays(
 def test_a_wrong_type_is_rejected_and_changes_nothing(home, daemon, events):
     start(daemon)
     home.set_config(maxNumberOfRestarts="three")
-    error = events.wait_for("config.rejected", timeout_s=5)["error"]
+    error = first_rejection(events)
     assert error == f"{home.root}/config.toml: maxNumberOfRestarts must be a whole number, got 'three'"
     assert max_restarts(daemon) == 3
     assert events.of("config.reloaded") == []
@@ -85,7 +92,7 @@ def test_a_deleted_config_is_rejected_and_restoring_it_is_applied(home, daemon, 
     start(daemon)
     text = (home.root / "config.toml").read_text()
     os.unlink(home.root / "config.toml")
-    error = events.wait_for("config.rejected", timeout_s=5)["error"]
+    error = first_rejection(events)
     assert error == f"{home.root}/config.toml: file not found"
     assert max_restarts(daemon) == 3
     (home.root / "config.toml").write_text(text.replace("maxNumberOfRestarts = 3", "maxNumberOfRestarts = 8"))

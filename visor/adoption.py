@@ -155,12 +155,8 @@ def _wait_for(sockets, waiting: dict[str, str], pinned: dict[str, stopper.Proc])
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
+    fields = stopper.stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def _running(path: str, args: list[str], known: set[int]) -> list[stopper.Proc]:

@@ -64,25 +64,12 @@ class Binaries(dict[str, TrackedBinary]):
         """A runner's report of an exit it could not know the code of (not its child): the real code if the
         binary is ours (handed over by `visor restart`), reaped here; else the report as it is."""
         b = self[msg.name]
-        if b.pid != msg.pid:
-            return msg
-        try:
-            pid, status = os.waitpid(b.pid, os.WNOHANG)
-        except ChildProcessError:
-            return msg                               # init's (its parent died): nobody can know the code
-        return p.BinaryExited(name=msg.name, pid=msg.pid, exitcode=os.waitstatus_to_exitcode(status)) if pid else msg
+        return (_reap(b) or msg) if b.pid == msg.pid else msg     # init's (its parent died): nobody can know
 
     def reap_orphans(self, worker_pids: set[int]) -> list[p.BinaryExited]:
         """Binaries whose runner died are our children now (subreaper): reap the ones that ended."""
         import psutil
-        exits = []
-        for b in list(self.values()):
-            try:
-                pid, status = os.waitpid(b.pid, os.WNOHANG)
-            except ChildProcessError:
-                continue                             # still its runner's child
-            if pid:
-                exits.append(p.BinaryExited(name=b.name, pid=pid, exitcode=os.waitstatus_to_exitcode(status)))
+        exits = [exit_ for b in list(self.values()) if (exit_ := _reap(b)) is not None]
         for child in psutil.Process().children():    # other orphans (a dead worker's `vega version`...)
             if child.pid not in worker_pids and child.pid not in {b.pid for b in self.values()}:
                 try:
@@ -113,6 +100,15 @@ class Binaries(dict[str, TrackedBinary]):
     def records(self) -> dict:
         """For the state file: what names each binary (pid, start time) and how it was started."""
         return {b.name: b.record() for b in self.values()}
+
+
+def _reap(b: TrackedBinary) -> p.BinaryExited | None:
+    """Its exit, if it is our child and has ended; None if it runs or is not ours (its runner's, init's)."""
+    try:
+        pid, status = os.waitpid(b.pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return p.BinaryExited(name=b.name, pid=pid, exitcode=os.waitstatus_to_exitcode(status)) if pid else None
 
 
 def runs(cmdline: list[str], path: str, args: list[str]) -> bool:

@@ -13,7 +13,7 @@ import select
 import time
 from contextlib import contextmanager
 
-from visor import adoption, protocol as p
+from visor import adoption, protocol as p, stopper
 from visor.config import load_visor_config
 from visor.control import ask
 from visor.errors import ConfigError, VisorError
@@ -105,12 +105,8 @@ def restart(home: Home) -> int:
 
 def _ended(pid: int) -> bool:
     """The process has exited (a zombie whose parent has not reaped it yet has too)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rindex(b")") + 2:].startswith(b"Z")
+    fields = stopper.stat_fields(pid)
+    return fields is None or fields[0] == b"Z"
 
 
 def _nothing_to_restart(home: Home) -> None:

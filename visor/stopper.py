@@ -31,16 +31,22 @@ def _boot() -> float:
     return _boot_time
 
 
-def create_time(pid: int) -> float | None:
-    """When `pid` started, in Unix seconds (psutil's create_time, without importing psutil); None if
-    there is no such process. A zombie keeps its start time until it is reaped."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat after the name: [state, ppid, ...] (proc(5) fields 3 on); None if there is no such
+    process. Without psutil, which costs its import where it is not needed otherwise."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()     # the name, in parentheses, may hold spaces
-    return _boot() + int(fields[19]) / CLOCK_TICKS
+    return stat[stat.rindex(b")") + 2:].split()      # the name, in parentheses, may hold spaces
+
+
+def create_time(pid: int) -> float | None:
+    """When `pid` started, in Unix seconds (psutil's create_time); None if there is no such process.
+    A zombie keeps its start time until it is reaped."""
+    fields = stat_fields(pid)
+    return None if fields is None else _boot() + int(fields[19]) / CLOCK_TICKS
 
 
 def same_start(a: float | None, b: float | None) -> bool:

@@ -22,7 +22,7 @@ from visor import protocol as p
 from visor.config import VisorConfig
 from visor.facts import (Boot, Emit, Exit, Launching, Prefetch, Prepare, QuerySegment, RunHook, Schedule,
                          StartBinaries, StopBinaries, StopRequested, SwitchCurrent, Timer)
-from visor.state import Phase, State, Step, step
+from visor.state import IN_FLIGHT, Phase, State, Step, in_flight, step
 
 TAGS = ("", "v2", "v3")
 HOOK = {"path": "/bin/true", "args": [], "timeout_s": 5, "required": True}
@@ -101,6 +101,9 @@ class World:
                 if after_s <= 0:
                     return [Timer(name)]
                 self.timers.add(name)
+            case Emit(type="upgrade.completed", fields=fields):
+                down = fields["downtime_ms"]           # measured, or unknown after a crash: never made up
+                assert down is None or 0 <= down <= self.now * 1000 + 1000, f"downtime {down} ms"
             case Emit(type="binary.restart_scheduled", fields=fields):
                 assert fields["restarts"] <= self.cfg.max_restarts
                 self.restarts_this_attempt += 1
@@ -177,10 +180,12 @@ class Supervision(RuleBasedStateMachine):
                 hooks=st.dictionaries(st.sampled_from(["beforeStop", "afterStop", "afterStart"]), st.booleans()),
                 boot=st.sampled_from(["fresh", "adopted", "adopted-partly", "upgrading", "upgrading-adopted",
                                       "switched", "switched-adopted"]),
-                restarts=st.integers(0, 2), last_done=st.booleans())
-    def boot(self, names, delay, stop_delay, hooks, boot, restarts, last_done):
+                restarts=st.integers(0, 2), last_done=st.booleans(), down_known=st.booleans())
+    def boot(self, names, delay, stop_delay, hooks, boot, restarts, last_done, down_known):
         self.w = w = World(config(delay, stop_delay, hooks), names)
         pending = {"tag": "v2", "folder": "v2", "height": 50}
+        if down_known:                             # killed in its afterStop hook: when the old node went down
+            pending["down_at"] = -1.0
         adopted = {}
         if boot in ("adopted", "upgrading-adopted", "switched-adopted"):
             adopted = {n: 10 + i for i, n in enumerate(sorted(names))}
@@ -270,6 +275,15 @@ class Supervision(RuleBasedStateMachine):
         s, w = self.w.state, self.w
         assert s.running.keys() <= w.alive.keys() | set()
         assert set(s.launching) == w.launching, f"state launching {s.launching}, world {w.launching}"
+
+    @invariant()
+    def a_crash_now_resumes_from_what_the_state_file_would_hold(self):
+        s = self.w.state
+        pending, u = in_flight(s), s.upgrade
+        assert (pending is not None) == bool(u and u.step in IN_FLIGHT)
+        if pending is not None:    # the old node's stop is recorded only while afterStop runs (a slow step)
+            assert (pending["tag"], pending["folder"], pending["height"]) == (u.tag, u.folder, u.height)
+            assert ("down_at" in pending) == (u.step is Step.AFTER_STOP and u.down_at is not None)
 
     @invariant()
     def never_stuck(self):

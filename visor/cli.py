@@ -179,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     opts = (parser or build_parser()).parse_args(argv)
     try:
-        return opts.func(opts)
+        code = opts.func(opts)
+        sys.stdout.flush()                   # here, where a reader that left (`| head`) can be handled
+        return code
+    except BrokenPipeError:                  # the reader of our output has gone: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor at exit's own flush
+        return 0
     except VisorError as err:
         print(f"visor: {err}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, end_leftovers, run_cli
+from tests.helpers import REPO, VISOR, end_leftovers, run_cli
 from visor.home import init_home
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,6 +96,14 @@ def test_no_permission_on_the_home_is_one_line_also_as_root(tmp, monkeypatch):
     cli.home_of(home, runtime=False)                 # check and fetch do not use H/.visor
     with pytest.raises(cli.VisorError, match=f"^{home}/.visor: not accessible \\(permission denied\\)$"):
         cli.home_of(home)
+
+
+def test_output_into_a_closed_pipe_is_no_traceback():
+    # `visor status | head -3` closed the pipe under visor's feet: BrokenPipeError and a traceback
+    proc = subprocess.Popen([*VISOR, "version", "--output", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                               # the reader has gone before visor writes
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
 
 
 def test_visor_init_names_itself_in_its_usage(tmp):
